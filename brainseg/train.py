@@ -1,0 +1,357 @@
+"""Training and periodic validation of the Attention U-Net.
+
+`train_and_evaluate(config, workdir)` is the whole job: it reads the data,
+builds a jitted train step over a mesh of every device, trains, validates,
+checkpoints (resuming from the latest checkpoint in `workdir`) and returns the
+final state. `main.py` is only its command line.
+"""
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from brainseg import checkpointing
+from brainseg import data as data_lib
+from brainseg import input_pipeline
+from brainseg import losses
+from brainseg import metrics as metrics_lib
+from brainseg import models
+from brainseg import parallel
+from brainseg import writers
+
+
+class TrainState(train_state.TrainState):
+  """Params and optimizer state, plus BatchNorm's running statistics."""
+  batch_stats: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  grad_norm: clu_metrics.Average.from_output('grad_norm')
+
+
+# ---------------------------------------------------------------------------
+# Model, optimizer and state.
+# ---------------------------------------------------------------------------
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.AttentionUNet:
+  return models.AttentionUNet(features=tuple(config.model.features),
+                              dtype=jnp.dtype(config.model.dtype))
+
+
+def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+  size = config.data.image_size
+  return (size, size, input_pipeline.CHANNELS[config.data.channels])
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Constant, or linear warm-up then cosine decay to zero over the run."""
+  if config.schedule == 'constant':
+    return optax.constant_schedule(config.learning_rate)
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, min(config.warmup_steps, total_steps - 1),
+        max(total_steps, 1), end_value=0.0)
+  raise ValueError(f"config schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  schedule = make_lr_schedule(config, total_steps)
+  if config.optimizer == 'adam':
+    return optax.adam(schedule)
+  if config.optimizer == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  raise ValueError(f"config optimizer must be 'adam' or 'adamw', got {config.optimizer!r}")
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
+                       total_steps: int) -> TrainState:
+  """A fresh state: initialised params, BatchNorm statistics and optimizer."""
+  model = create_model(config)
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *input_shape(config)))))(rng)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables['batch_stats'],
+                           tx=make_optimizer(config, total_steps))
+
+
+# ---------------------------------------------------------------------------
+# The steps.
+# ---------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array,
+               loss_name: str) -> Tuple[TrainState, TrainMetrics]:
+  """One optimizer step on a global batch; BatchNorm uses the global batch's statistics."""
+  step_rng = jax.random.fold_in(rng, state.step)  # Same numbers after a resume.
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': step_rng})
+    return losses.segmentation_loss(loss_name, logits, batch['mask']), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  metrics = TrainMetrics.single_from_model_output(loss=loss,
+                                                  grad_norm=optax.global_norm(grads))
+  return state, metrics
+
+
+def model_variables(state: TrainState) -> Dict[str, Any]:
+  """What `model.apply` needs for inference."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def predict_probs(variables, images: jax.Array, native_hw: Tuple[int, int], apply_fn):
+  """Tumour probabilities (N, H, W) at the masks' native size.
+
+  The model runs at the images' size; its probabilities (not its logits) are
+  resized back before anyone thresholds them.
+  """
+  logits = apply_fn(variables, images, train=False)
+  probs = jax.nn.sigmoid(logits[..., 0])
+  if probs.shape[1:] != tuple(native_hw):
+    probs = jax.image.resize(probs, (probs.shape[0], *native_hw), 'linear')
+  return probs
+
+
+def eval_step(variables, batch: Dict[str, jax.Array], apply_fn):
+  """Per-slice (intersection, predicted, true) counts at native resolution."""
+  probs = predict_probs(variables, batch['image'], batch['native_mask'].shape[1:], apply_fn)
+  return metrics_lib.slice_counts(probs, batch['native_mask'])
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The jitted train step: batch sharded on `data`, state replicated and donated."""
+  replicated = parallel.replicated(mesh)
+  return jax.jit(functools.partial(train_step, loss_name=config.loss),
+                 in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def compile_eval_step(model: models.AttentionUNet, mesh: jax.sharding.Mesh):
+  """The jitted eval step: `eval_step(variables, batch)`, batch sharded on `data`."""
+  return jax.jit(functools.partial(eval_step, apply_fn=model.apply),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.batch_sharding(mesh))
+
+
+def evaluate_counts(jit_eval, variables, arrays: input_pipeline.SliceArrays,
+                    batch_size: int, mesh: jax.sharding.Mesh) -> Dict[str, np.ndarray]:
+  """Runs every slice of `arrays` once; per-slice counts in the arrays' row order."""
+  counts = np.zeros((3, len(arrays)), np.int64)
+  local_batch = batch_size // jax.process_count()
+  for batch in input_pipeline.eval_batches(arrays, local_batch, jax.process_index(),
+                                           jax.process_count()):
+    index = parallel.gather_to_host(parallel.to_global(
+        {'index': batch.pop('index')}, mesh))['index']
+    batch.pop('valid')
+    out = jit_eval(variables, parallel.to_global(batch, mesh))
+    out = parallel.gather_to_host(out)
+    keep = index >= 0  # Padding rows are dropped from every metric.
+    counts[:, index[keep]] = np.stack(out)[:, keep]
+  return {'intersection': counts[0], 'predicted': counts[1], 'true': counts[2]}
+
+
+# ---------------------------------------------------------------------------
+# Set-up helpers.
+# ---------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects a bad setting by name before any data is read."""
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if config.batch_size <= 0 or config.batch_size % n_dev:
+    raise ValueError(f'config batch_size={config.batch_size} must be a positive multiple '
+                     f'of the device count ({n_dev})')
+  if config.eval_batch_size <= 0 or config.eval_batch_size % n_dev:
+    raise ValueError(f'config eval_batch_size={config.eval_batch_size} must be a positive '
+                     f'multiple of the device count ({n_dev})')
+  depth = len(config.model.features)
+  if config.data.image_size % (2 ** (depth - 1)):
+    raise ValueError(f'config data.image_size={config.data.image_size} must be divisible by '
+                     f'2**(depth-1)={2 ** (depth - 1)} for {depth} levels of model.features')
+  for name, value, allowed in (('data.channels', config.data.channels, input_pipeline.CHANNELS),
+                               ('data.normalization', config.data.normalization,
+                                input_pipeline.NORMALIZATIONS),
+                               ('loss', config.loss, losses.LOSSES),
+                               ('optimizer', config.optimizer, ('adam', 'adamw')),
+                               ('schedule', config.schedule, ('constant', 'cosine'))):
+    if value not in allowed:
+      raise ValueError(f'config {name} must be one of {sorted(allowed)}, got {value!r}')
+  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    if config[name] <= 0:
+      raise ValueError(f'config {name} must be positive, got {config[name]}')
+  del n_proc
+
+
+def load_splits(config: ml_collections.ConfigDict, parts=data_lib.SPLITS):
+  """Scans the data root, splits it by patient and loads the asked-for parts."""
+  patients = data_lib.scan(config.data.root)
+  split = data_lib.make_split(list(patients), config.data.split_file,
+                              config.data.split_fractions, config.data.split_seed)
+  arrays = {}
+  for part in parts:
+    if not split[part]:
+      raise data_lib.DataError(f'the {part} split holds no patients')
+    arrays[part] = input_pipeline.load_arrays(
+        [patients[p] for p in split[part]], config.data.image_size, config.data.channels,
+        config.data.normalization, config.data.num_threads)
+  return split, arrays
+
+
+def total_train_steps(config: ml_collections.ConfigDict, train_arrays) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  slices = input_pipeline.epoch_length(train_arrays, config.data.tumour_fraction)
+  return max(1, int(config.num_epochs * slices // config.batch_size))
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+
+
+# ---------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains with periodic validation and checkpoints; resumes from `workdir`.
+
+  Returns:
+    the final train state.
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_workdir_config(workdir, config)
+  mesh = parallel.create_mesh()
+  logging.info('Mesh: %s over %d device(s), %d process(es)', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  # ----- Data -----
+  split, arrays = load_splits(config, parts=('train', 'val'))
+  train_arrays, val_arrays = arrays['train'], arrays['val']
+  num_steps = total_train_steps(config, train_arrays)
+  logging.info('Data: %d train slices (%d patients), %d val slices (%d patients); '
+               '%d steps of %d', len(train_arrays), len(split['train']), len(val_arrays),
+               len(split['val']), num_steps, config.batch_size)
+  local_batch = config.batch_size // jax.process_count()
+  train_iter = iter(input_pipeline.train_dataset(train_arrays, config, local_batch,
+                                                 jax.process_index(), jax.process_count()))
+
+  # ----- State, restored if the workdir has a checkpoint -----
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state = jax.device_put(create_train_state(config, init_rng, num_steps),
+                         parallel.replicated(mesh))
+  manager = checkpointing.train_manager(workdir, config)
+  best = checkpointing.BestCheckpoint(workdir)
+  state = checkpointing.restore_latest(manager, state, train_iter)
+  start_step = int(state.step)
+  if start_step:
+    logging.info('Resumed from step %d (best val Dice so far %.4f)', start_step, best.value)
+
+  jit_train = compile_train_step(config, mesh)
+  jit_eval = compile_eval_step(create_model(config), mesh)
+  writer = writers.MetricLogger(workdir, jax.process_index())
+  if start_step == 0:
+    writer.write_hparams(config.to_dict())
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  preemption = _Preemption()
+  schedule = make_lr_schedule(config, num_steps)
+
+  # ----- Loop -----
+  train_metrics = None
+  window_start, window_step = time.time(), start_step
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      with report.timed('data', wait_jax_async_dispatch=False):
+        batch = parallel.to_global(next(train_iter), mesh)
+      state, step_metrics = jit_train(state, batch, step_rng)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      report(step)
+      is_last = step == num_steps
+      if step % config.log_every_steps == 0 or step % config.eval_every_steps == 0 or is_last:
+        summary = train_metrics.compute()
+        loss = float(summary['loss'])
+        if not np.isfinite(loss):
+          raise FloatingPointError(
+              f'loss is {loss} at or before step {step}; the last good checkpoint is kept '
+              f'in {checkpointing.train_dir(workdir)}')
+        rate = (step - window_step) / max(time.time() - window_start, 1e-9)
+        writer.write_scalars(step, {'loss': loss, 'grad_norm': float(summary['grad_norm']),
+                                    'learning_rate': float(schedule(step - 1)),
+                                    'images_per_sec': rate * config.batch_size})
+        logging.info('step %d/%d  loss %.4f  %.2f steps/s  %.1f img/s  ETA %s', step,
+                     num_steps, loss, rate, rate * config.batch_size,
+                     _format_eta((num_steps - step) / max(rate, 1e-9)))
+        train_metrics, window_start, window_step = None, time.time(), step
+      if step % config.eval_every_steps == 0 or is_last:
+        with report.timed('eval'):
+          val = metrics_lib.summarize(val_arrays.patient_ids, **evaluate_counts(
+              jit_eval, model_variables(state), val_arrays, config.eval_batch_size, mesh))
+        writer.write_scalars(step, {f'val/{k}': v for k, v in _flatten(val).items()})
+        logging.info('step %d  val per-slice Dice %.4f  per-patient Dice %.4f', step,
+                     val['per_slice']['dice'], val['per_patient']['dice_mean'])
+        if best.update(step, model_variables(state), val['per_slice']['dice'], config):
+          logging.info('New best val per-slice Dice %.4f at step %d', best.value, step)
+        writer.flush()
+      if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+        with report.timed('checkpoint'):
+          checkpointing.save(manager, step, state, train_iter, force=preemption.requested)
+      if preemption.requested:
+        manager.wait_until_finished()
+        logging.warning('SIGTERM received: saved step %d in %s and stopping; run the '
+                        'same command to resume.', step, workdir)
+        break
+  finally:
+    preemption.restore()
+    manager.wait_until_finished()
+    manager.close()
+    best.close()
+    writer.close()
+  return state
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, float]:
+  """{'a': {'b': 1}} -> {'a/b': 1}, keeping only numbers."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}/'))
+    elif isinstance(value, (int, float)):
+      flat[f'{prefix}{key}'] = float(value)
+  return flat

@@ -1,0 +1,105 @@
+r"""Pictures of a run: overlays of predictions and the learning curve.
+
+  python -m brainseg.visualize --workdir DIR --output OUT   # OUT/learning_curve.png
+"""
+import os
+from typing import Any, Dict, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import matplotlib
+matplotlib.use('Agg')  # Files only; no display needed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import ml_collections
+import numpy as np
+
+from brainseg import data as data_lib
+from brainseg import writers
+
+
+def tumour_outline(mask: np.ndarray) -> np.ndarray:
+  """The boundary pixels of a boolean mask."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  return mask & ~scipy.ndimage.binary_erosion(mask)
+
+
+def overlay_panel(path: str, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
+                  title: str = '') -> None:
+  """Saves image | ground truth | prediction side by side, as the seed showed them."""
+  fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+  for ax, (name, mask, colour) in zip(axes, [('image', None, None),
+                                             ('ground truth', truth, (0, 1, 0)),
+                                             ('prediction', prediction, (1, 0, 0))]):
+    shown = image.astype(np.float32) / 255.0
+    if mask is not None:
+      shown = shown.copy()
+      shown[mask] = 0.5 * shown[mask] + 0.5 * np.array(colour)
+    ax.imshow(shown)
+    ax.set_title(name, fontsize=9)
+    ax.axis('off')
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def save_overlays(output: str, variables: Dict[str, Any], config: ml_collections.ConfigDict,
+                  arrays, count: int) -> Sequence[str]:
+  """Overlay PNGs of `count` tumour slices spread evenly over the split."""
+  from brainseg import train  # pylint: disable=g-import-not-at-top  (train imports us)
+  tumour_rows = np.flatnonzero(arrays.has_tumour)
+  rows = tumour_rows[np.linspace(0, len(tumour_rows) - 1, min(count, len(tumour_rows))).astype(int)]
+  model = train.create_model(config)
+  native_hw = arrays.native_masks.shape[1:]
+  predict = jax.jit(lambda v, x: train.predict_probs(v, x, native_hw, model.apply))
+  probs = np.asarray(predict(variables, arrays.images[rows]))
+  paths = []
+  for row, prob in zip(rows, probs):
+    name = f'{arrays.patient_ids[row]}_{arrays.slice_numbers[row]}.png'
+    path = os.path.join(output, f'overlay_{name}')
+    overlay_panel(path, data_lib.read_image(arrays.image_paths[row]), arrays.native_masks[row],
+                  prob > 0.5, title=f'{arrays.patient_ids[row]} slice {arrays.slice_numbers[row]}')
+    paths.append(path)
+  return paths
+
+
+def plot_learning_curve(metrics_path: str, output_path: str) -> None:
+  """Training loss and validation Dice against step, from a metrics.jsonl file."""
+  records = writers.read_jsonl(metrics_path)
+  train = [(r['step'], r['loss']) for r in records if 'loss' in r]
+  val = [(r['step'], r['val/per_slice/dice'], r['val/per_patient/dice_mean'])
+         for r in records if 'val/per_slice/dice' in r]
+  fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
+  if train:
+    steps, loss = zip(*train)
+    ax_loss.plot(steps, loss, lw=1)
+  ax_loss.set(xlabel='step', ylabel='training loss', title='loss', yscale='log')
+  if val:
+    steps, per_slice, per_patient = zip(*val)
+    ax_dice.plot(steps, per_slice, marker='.', label='per-slice Dice')
+    ax_dice.plot(steps, per_patient, marker='.', label='per-patient Dice')
+    ax_dice.legend()
+  ax_dice.set(xlabel='step', ylabel='validation Dice', title='validation', ylim=(0, 1))
+  for ax in (ax_loss, ax_dice):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(output_path, dpi=90)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  flags_ = flags.FLAGS
+  os.makedirs(flags_.output, exist_ok=True)
+  plot_learning_curve(os.path.join(flags_.workdir, writers.METRICS_FILE),
+                      os.path.join(flags_.output, 'learning_curve.png'))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so that evaluate.py can import this module.
+  flags.DEFINE_string('workdir', None, 'A training workdir holding metrics.jsonl.')
+  flags.DEFINE_string('output', None, 'Folder for learning_curve.png.')
+  flags.mark_flags_as_required(['workdir', 'output'])
+  app.run(main)

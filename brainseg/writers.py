@@ -1,0 +1,86 @@
+"""Where a run's numbers go: TensorBoard (clu's writer) and `metrics.jsonl`.
+
+clu's TensorBoard writer needs TensorFlow, which takes seconds to import; it is
+imported here, when a run starts, so `import brainseg` stays light.
+`metrics.jsonl` gets one JSON object per logged step, holding every scalar
+written at that step (train loss, learning rate, val metrics, timings).
+"""
+import json
+import os
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricLogger:
+  """A clu MetricWriter-like sink: TensorBoard events plus a JSON-lines file.
+
+  Only process 0 writes; on other processes every call does nothing.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    self._active = process_index == 0
+    self._pending_step, self._pending = None, {}
+    if not self._active:
+      return
+    from clu import metric_writers  # Lazy: pulls in TensorFlow.
+    self._tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self._active:
+      return
+    self._tensorboard.write_scalars(step, scalars)
+    if step != self._pending_step:
+      self._write_pending()
+      self._pending_step = step
+    self._pending.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    if self._active:
+      self._tensorboard.write_images(step, images)
+
+  def write_hparams(self, hparams: Dict[str, Any]) -> None:
+    if self._active:
+      self._tensorboard.write_hparams(_flatten_hparams(hparams))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    if self._active:
+      self._tensorboard.write_texts(step, texts)
+
+  def _write_pending(self) -> None:
+    if self._pending_step is not None and self._pending:
+      self._jsonl.write(json.dumps({'step': self._pending_step, **self._pending}) + '\n')
+      self._jsonl.flush()
+    self._pending = {}
+
+  def flush(self) -> None:
+    if self._active:
+      self._write_pending()
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self.flush()
+      self._tensorboard.close()
+      self._jsonl.close()
+      self._active = False
+
+
+def _flatten_hparams(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """Nested config dict -> {'data.root': ...}, lists as strings (TensorBoard's HParams)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten_hparams(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return flat
+
+
+def read_jsonl(path: str):
+  """The records of a metrics.jsonl file, in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
