@@ -1,0 +1,27 @@
+"""Shared test set-up: the repo on sys.path, and synthetic kaggle_3m trees in temp dirs."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED_DATA = os.path.join(REPO, '..', 'shared', 'data')
+REAL_ROOT = os.path.join(SHARED_DATA, 'kaggle_3m')
+
+from tests import synthetic  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+  """Six synthetic patients of 6 slices, 32x32, WebP images and deflate masks."""
+  return synthetic.make_root(str(tmp_path / 'kaggle_3m'), num_patients=6, num_slices=6,
+                             size=32, compression='webp')
+
+
+def subprocess_env():
+  """Environment for CLI subprocesses: the repo importable, on the CPU."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
