@@ -1,0 +1,54 @@
+"""Smoke tests on the real LGG slices in ../shared/data, skipped where it is absent."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from brainseg import data
+from brainseg import input_pipeline
+from brainseg import train
+from configs import tiny
+from tests import conftest
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(conftest.REAL_ROOT),
+                                reason='real data not at ../shared/data/kaggle_3m')
+SPLIT_FILE = os.path.join(conftest.SHARED_DATA, 'seed_split.json')
+
+
+def _small_real_root(tmp_path, count):
+  """A root of links to the first `count` real patients (nothing is copied)."""
+  root = tmp_path / 'kaggle_3m'
+  root.mkdir()
+  for pid in sorted(os.listdir(conftest.REAL_ROOT))[:count]:
+    os.symlink(os.path.join(os.path.abspath(conftest.REAL_ROOT), pid), root / pid)
+  return str(root)
+
+
+def test_seed_split_matches_the_real_root():
+  patients = data.scan(conftest.REAL_ROOT, check_sizes=False)
+  assert len(patients) == 110
+  split = data.load_split_file(SPLIT_FILE, list(patients))
+  counts = {part: sum(len(patients[p].slices) for p in split[part]) for part in data.SPLITS}
+  assert counts == json.load(open(SPLIT_FILE))['slices'] == {'train': 3329, 'val': 247,
+                                                              'test': 353}
+
+
+def test_real_slices_decode(tmp_path):
+  patients = data.scan(_small_real_root(tmp_path, 2))
+  patient = next(iter(patients.values()))
+  numbers = [s.number for s in patient.slices]
+  assert numbers == list(range(1, len(numbers) + 1))
+  arrays = input_pipeline.load_arrays([patient], 64, 'gray', 'scale')
+  assert arrays.images.shape == (len(numbers), 64, 64, 1)
+  assert arrays.native_masks.shape[1:] == (256, 256) and arrays.has_tumour.any()
+  image = data.read_image(patient.slices[0].image_path)
+  assert image.shape == (256, 256, 3) and image.dtype == np.uint8 and image.max() > 0
+
+
+def test_two_train_steps_on_real_slices(tmp_path):
+  config = tiny.get_config()
+  config.data.root = _small_real_root(tmp_path, 4)
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  assert os.listdir(tmp_path / 'run' / 'best') == ['2']
