@@ -10,6 +10,7 @@ Everything that can be wrong with the files is reported here, naming the file,
 before any training starts: `scan` checks names, pairing and sizes from the
 TIFF headers; `read_image`/`read_mask` check the pixels when they are decoded.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -66,28 +67,52 @@ def _is_slice_of(filename: str, patient: str) -> bool:
   return bool(match) and match['patient'] == patient
 
 
-def _tiff_shape(path: str) -> Tuple[int, ...]:
-  """The shape of a TIFF's first series, from its header; DataError if unreadable."""
+@dataclasses.dataclass(frozen=True)
+class TiffInfo:
+  """What a TIFF's header says about its first image."""
+  shape: Tuple[int, ...]
+  dtype: str
+  compression: str
+  pages: int
+
+
+def tiff_info(path: str) -> TiffInfo:
+  """Reads a TIFF's header; DataError (naming the file) if it is not a TIFF."""
   try:
     with tifffile.TiffFile(path) as tif:
-      return tuple(tif.series[0].shape)
+      page = tif.pages.first
+      return TiffInfo(tuple(tif.series[0].shape), str(tif.series[0].dtype),
+                      page.compression.name, len(tif.pages))
   except Exception as e:  # tifffile raises several types for broken files.
     raise DataError(f'{path}: not a readable TIFF ({type(e).__name__}: {e})') from e
 
 
-def _spatial_shape(shape: Tuple[int, ...], path: str) -> Tuple[int, int]:
+def _spatial_shape(info: TiffInfo, path: str) -> Tuple[int, int]:
   """(H, W) of an image or mask stored as HxW, HxWxC or CxHxW (planar)."""
+  shape = info.shape
+  if info.pages > 1:
+    raise DataError(f'{path}: multi-page TIFF ({info.pages} pages); a slice is one image')
   if len(shape) == 2:
     return shape
   if len(shape) == 3 and shape[-1] in (1, 3, 4):
     return shape[:2]
   if len(shape) == 3 and shape[0] in (1, 3, 4):
     return shape[1:]
-  raise DataError(f'{path}: unsupported TIFF shape {shape}; expected HxW or HxWxC '
-                  'with 1, 3 or 4 channels (a multi-page TIFF is not a slice)')
+  raise DataError(f'{path}: unsupported TIFF shape {shape}; expected HxW, HxWxC or CxHxW '
+                  'with 1, 3 or 4 channels')
 
 
-def _scan_patient(patient_id: str, folder: str, check_sizes: bool) -> Patient:
+def _check_pair(image_path: str, mask_path: str) -> None:
+  image_hw = _spatial_shape(tiff_info(image_path), image_path)
+  mask_hw = _spatial_shape(tiff_info(mask_path), mask_path)
+  if image_hw != mask_hw:
+    raise DataError(f'{mask_path}: mask is {mask_hw[0]}x{mask_hw[1]} but its image '
+                    f'{os.path.basename(image_path)} is {image_hw[0]}x{image_hw[1]}')
+
+
+def _scan_patient(patient_id: str, folder: str, check_sizes: bool,
+                  problems: List[str]) -> Optional[Patient]:
+  """A folder's slices; what is wrong goes to `problems` (one line per file)."""
   images, masks = {}, {}
   for filename in os.listdir(folder):
     match = _SLICE_RE.match(filename)
@@ -96,38 +121,39 @@ def _scan_patient(patient_id: str, folder: str, check_sizes: bool) -> Patient:
     target = masks if match['mask'] else images
     target[int(match['number'])] = os.path.join(folder, filename)
   for number in sorted(set(masks) - set(images)):
-    raise DataError(f'{masks[number]}: mask without an image '
+    problems.append(f'{masks[number]}: mask without an image '
                     f'(expected {patient_id}_{number}.tif beside it)')
   slices = []
   for number in sorted(images):
     if number not in masks:
-      raise DataError(f'{images[number]}: image without a mask '
+      problems.append(f'{images[number]}: image without a mask '
                       f'(expected {patient_id}_{number}_mask.tif beside it)')
+      continue
     if check_sizes:
-      image_hw = _spatial_shape(_tiff_shape(images[number]), images[number])
-      mask_hw = _spatial_shape(_tiff_shape(masks[number]), masks[number])
-      if image_hw != mask_hw:
-        raise DataError(f'{masks[number]}: mask is {mask_hw[0]}x{mask_hw[1]} but its image '
-                        f'{os.path.basename(images[number])} is {image_hw[0]}x{image_hw[1]}')
+      try:
+        _check_pair(images[number], masks[number])
+      except DataError as e:
+        problems.append(str(e))
+        continue
     slices.append(Slice(patient_id, number, images[number], masks[number]))
   if not slices:
-    raise DataError(f'{folder}: patient folder holds no slices')
+    problems.append(f'{folder}: patient folder holds no usable slices')
+    return None
   return Patient(patient_id, tuple(slices))
 
 
-def scan(root: str, check_sizes: bool = True) -> Dict[str, Patient]:
-  """Discovers and pairs every patient's slices below `root`.
+def slice_number_gaps(patient: Patient) -> List[int]:
+  """Slice numbers missing between 1 and the patient's last slice."""
+  numbers = {s.number for s in patient.slices}
+  return [n for n in range(1, max(numbers) + 1) if n not in numbers]
 
-  Args:
-    root: a kaggle_3m folder, or a folder above it (the Kaggle archive).
-    check_sizes: read each TIFF header to check it opens and that image and mask
-      sizes agree.
 
-  Returns:
-    patient id -> Patient, sorted by id; slices ordered by their number.
+def scan_with_problems(root: str, check_sizes: bool = True
+                       ) -> Tuple[Dict[str, Patient], List[str]]:
+  """Like `scan`, but returns the usable patients and every problem instead of raising.
 
   Raises:
-    DataError: naming the file or folder at fault.
+    DataError: only if the root is missing or holds no patient folders at all.
   """
   if not os.path.isdir(root):
     raise DataError(f'data root {root!r} is not a folder')
@@ -135,7 +161,34 @@ def scan(root: str, check_sizes: bool = True) -> Dict[str, Patient]:
   if not folders:
     raise DataError(f'data root {root!r} holds no patient folders with '
                     '<patient>_<n>.tif slices')
-  return {pid: _scan_patient(pid, folders[pid], check_sizes) for pid in sorted(folders)}
+  problems = []
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # Header reads wait on disk.
+    found = pool.map(lambda pid: _scan_patient(pid, folders[pid], check_sizes, problems),
+                     sorted(folders))
+    patients = {p.patient_id: p for p in found if p is not None}
+  return patients, sorted(problems)
+
+
+def scan(root: str, check_sizes: bool = True) -> Dict[str, Patient]:
+  """Discovers and pairs every patient's slices below `root`.
+
+  Args:
+    root: a kaggle_3m folder, or a folder above it (the Kaggle archive).
+    check_sizes: read each TIFF header to check it opens, holds one image, and
+      that image and mask sizes agree.
+
+  Returns:
+    patient id -> Patient, sorted by id; slices ordered by their number.
+
+  Raises:
+    DataError: listing every file or folder at fault.
+  """
+  patients, problems = scan_with_problems(root, check_sizes)
+  if problems:
+    shown = '\n  '.join(problems[:20])
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise DataError(f'data root {root}: {len(problems)} problem(s):\n  {shown}{more}')
+  return patients
 
 
 # ---------------------------------------------------------------------------

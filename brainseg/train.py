@@ -200,6 +200,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   del n_proc
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and checks it takes files, before any work is done."""
+  probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir} is not writable: {e}') from e
+
+
 def load_splits(config: ml_collections.ConfigDict, parts=data_lib.SPLITS):
   """Scans the data root, splits it by patient and loads the asked-for parts."""
   patients = data_lib.scan(config.data.root)
@@ -254,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     the final train state.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir)
   checkpointing.check_workdir_config(workdir, config)
   mesh = parallel.create_mesh()
   logging.info('Mesh: %s over %d device(s), %d process(es)', dict(mesh.shape),
