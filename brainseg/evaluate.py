@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 from brainseg import checkpointing
@@ -35,6 +35,9 @@ flags.DEFINE_string('data_root', None, "Override the checkpoint config's data.ro
 flags.DEFINE_string('split_file', None, "Override the checkpoint config's data.split_file.")
 flags.DEFINE_integer('overlays', 0, 'Also save this many overlay PNGs (image | truth | '
                      'prediction) of tumour slices, spread over the split.')
+config_flags.DEFINE_config_file(
+    'config', None, 'Evaluate under this config instead of the one saved with the '
+    'checkpoint (it must describe the same model).', lock_config=False)
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -56,9 +59,15 @@ def check_variables_match(variables: Dict[str, Any], config: ml_collections.Conf
 
 def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
              data_root: Optional[str] = None, split_file: Optional[str] = None,
-             num_overlays: int = 0) -> Dict[str, Any]:
-  """Runs a checkpoint over a split; writes and returns the metrics."""
-  variables, config, step = checkpointing.load_model(workdir, step)
+             num_overlays: int = 0,
+             config: Optional[ml_collections.ConfigDict] = None) -> Dict[str, Any]:
+  """Runs a checkpoint over a split; writes and returns the metrics.
+
+  Args:
+    config: evaluate under this config rather than the checkpoint's own.
+  """
+  variables, saved_config, step = checkpointing.load_model(workdir, step)
+  config = ml_collections.ConfigDict(config or saved_config)
   with config.unlocked():
     if data_root is not None:
       config.data.root = data_root
@@ -92,7 +101,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.setup()
   results = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.output, FLAGS.step, FLAGS.data_root,
-                     FLAGS.split_file, FLAGS.overlays)
+                     FLAGS.split_file, FLAGS.overlays, FLAGS.config)
   s, p = results['per_slice'], results['per_patient']
   print(f"{FLAGS.split} ({results['num_patients']} patients, {results['num_slices']} slices), "
         f"step {results['checkpoint_step']}: per-slice Dice {s['dice']:.4f} precision "

@@ -95,8 +95,15 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array,
-               loss_name: str) -> Tuple[TrainState, TrainMetrics]:
-  """One optimizer step on a global batch; BatchNorm uses the global batch's statistics."""
+               loss_name: str, skip_nonfinite: bool = False):
+  """One optimizer step on a global batch; BatchNorm uses the global batch's statistics.
+
+  Returns:
+    (new state, TrainMetrics, finite): `finite` is False when the loss or the
+    gradients hold NaN or Inf. With `skip_nonfinite` such a step leaves params,
+    optimizer state and BatchNorm statistics as they were (only the step count
+    moves on, so data and randomness stay aligned with an unskipped run).
+  """
   step_rng = jax.random.fold_in(rng, state.step)  # Same numbers after a resume.
 
   def loss_fn(params):
@@ -106,10 +113,15 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array,
     return losses.segmentation_loss(loss_name, logits, batch['mask']), updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
-  metrics = TrainMetrics.single_from_model_output(loss=loss,
-                                                  grad_norm=optax.global_norm(grads))
-  return state, metrics
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  if skip_nonfinite:
+    unchanged = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
+    loss, grad_norm = jnp.where(finite, loss, 0.0), jnp.where(finite, grad_norm, 0.0)
+  metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=grad_norm)
+  return new_state, metrics, finite
 
 
 def model_variables(state: TrainState) -> Dict[str, Any]:
@@ -139,9 +151,10 @@ def eval_step(variables, batch: Dict[str, jax.Array], apply_fn):
 def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The jitted train step: batch sharded on `data`, state replicated and donated."""
   replicated = parallel.replicated(mesh)
-  return jax.jit(functools.partial(train_step, loss_name=config.loss),
-                 in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  step = functools.partial(train_step, loss_name=config.loss,
+                           skip_nonfinite=config.skip_nonfinite_steps)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+                 out_shardings=(replicated, replicated, replicated), donate_argnums=0)
 
 
 def compile_eval_step(model: models.AttentionUNet, mesh: jax.sharding.Mesh):
@@ -306,32 +319,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schedule = make_lr_schedule(config, num_steps)
 
   # ----- Loop -----
-  train_metrics = None
+  train_metrics, unchecked = None, []  # unchecked: (step, finite flag) since the last sync.
+  skipped = 0
   window_start, window_step = time.time(), start_step
   try:
     for step in range(start_step + 1, num_steps + 1):
       with report.timed('data', wait_jax_async_dispatch=False):
         batch = parallel.to_global(next(train_iter), mesh)
-      state, step_metrics = jit_train(state, batch, step_rng)
+      state, step_metrics, finite = jit_train(state, batch, step_rng)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      unchecked.append((step, finite))
       report(step)
       is_last = step == num_steps
-      if step % config.log_every_steps == 0 or step % config.eval_every_steps == 0 or is_last:
-        summary = train_metrics.compute()
-        loss = float(summary['loss'])
-        if not np.isfinite(loss):
-          raise FloatingPointError(
-              f'loss is {loss} at or before step {step}; the last good checkpoint is kept '
-              f'in {checkpointing.train_dir(workdir)}')
+      do_eval = step % config.eval_every_steps == 0 or is_last
+      do_save = step % config.checkpoint_every_steps == 0 or is_last or preemption.requested
+      if step % config.log_every_steps == 0 or do_eval or do_save:
+        # Checked before anything is evaluated or saved: a NaN state is never kept.
+        skipped += _check_finite(unchecked, config.skip_nonfinite_steps, manager, workdir)
+        unchecked = []
+      if step % config.log_every_steps == 0 or do_eval:
         rate = (step - window_step) / max(time.time() - window_start, 1e-9)
-        writer.write_scalars(step, {'loss': loss, 'grad_norm': float(summary['grad_norm']),
-                                    'learning_rate': float(schedule(step - 1)),
-                                    'images_per_sec': rate * config.batch_size})
-        logging.info('step %d/%d  loss %.4f  %.2f steps/s  %.1f img/s  ETA %s', step,
-                     num_steps, loss, rate, rate * config.batch_size,
-                     _format_eta((num_steps - step) / max(rate, 1e-9)))
+        _log_train(writer, step, num_steps, train_metrics.compute(), rate, config,
+                   float(schedule(step - 1)), skipped)
         train_metrics, window_start, window_step = None, time.time(), step
-      if step % config.eval_every_steps == 0 or is_last:
+      if do_eval:
         with report.timed('eval'):
           val = metrics_lib.summarize(val_arrays.patient_ids, **evaluate_counts(
               jit_eval, model_variables(state), val_arrays, config.eval_batch_size, mesh))
@@ -341,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if best.update(step, model_variables(state), val['per_slice']['dice'], config):
           logging.info('New best val per-slice Dice %.4f at step %d', best.value, step)
         writer.flush()
-      if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+      if do_save:
         with report.timed('checkpoint'):
           checkpointing.save(manager, step, state, train_iter, force=preemption.requested)
       if preemption.requested:
@@ -356,6 +367,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     best.close()
     writer.close()
   return state
+
+
+def _check_finite(unchecked, skip: bool, manager, workdir: str) -> int:
+  """Raises on the first non-finite step, or logs each one when skipping them.
+
+  Returns:
+    how many of `unchecked` were skipped.
+  """
+  bad = [step for step, finite in unchecked if not bool(finite)]
+  if bad and not skip:
+    manager.wait_until_finished()
+    raise FloatingPointError(
+        f'non-finite loss or gradients at step {bad[0]}; training stopped. The last good '
+        f'checkpoint (step {manager.latest_step()}) is kept in {checkpointing.train_dir(workdir)}. '
+        'Set --config.skip_nonfinite_steps=True to skip such steps instead.')
+  for step in bad:
+    logging.warning('step %d: non-finite loss or gradients; update skipped', step)
+  return len(bad)
+
+
+def _log_train(writer, step: int, num_steps: int, summary, rate: float,
+               config: ml_collections.ConfigDict, learning_rate: float, skipped: int):
+  """Writes the training scalars and prints the progress line."""
+  loss = float(summary['loss'])
+  writer.write_scalars(step, {'loss': loss, 'grad_norm': float(summary['grad_norm']),
+                              'learning_rate': learning_rate,
+                              'images_per_sec': rate * config.batch_size,
+                              'skipped_steps': skipped})
+  logging.info('step %d/%d  loss %.4f  %.2f steps/s  %.1f img/s  ETA %s', step, num_steps,
+               loss, rate, rate * config.batch_size,
+               _format_eta((num_steps - step) / max(rate, 1e-9)))
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, float]:

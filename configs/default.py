@@ -52,5 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.checkpoints_to_keep = 2
   config.allow_config_change = False  # Resume a workdir whose config differs.
+  config.skip_nonfinite_steps = False  # Skip (and log) NaN/Inf steps instead of stopping.
   config.seed = 0
   return config

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,27 @@ def _tensorboard_scalars(workdir):
     if all(v.ndim == 0 for v in values.values()):  # Skips hparams and text summaries.
       scalars[tag] = {step: float(v) for step, v in values.items()}
   return scalars
+
+
+def _final_state(workdir):
+  """The latest train-state checkpoint of a workdir, as numpy arrays by path."""
+  import jax
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def _assert_same_state(workdir_a, workdir_b):
+  a, b = _final_state(workdir_a), _final_state(workdir_b)
+  assert a.keys() == b.keys()
+  assert any('opt_state' in k for k in a) and any('batch_stats' in k for k in a)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _losses(workdir):
@@ -115,8 +137,27 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(trained, tmp_path):
 
   result = _run(command)
   assert f'Resumed from step {stopped_at}' in result.stderr
-  # The resumed run draws the same batches and numbers: identical losses.
+  # The resumed run draws the same batches and numbers: identical losses, and
+  # bit-identical params, BatchNorm statistics and optimizer state.
   assert _losses(workdir) == _losses(uninterrupted)
+  _assert_same_state(workdir, uninterrupted)
+
+  # Killed (-9) in the middle of an async save: the half-written checkpoint is
+  # never picked up, and the same command still ends in the same state.
+  killed = tmp_path / 'killed'
+  command = _train_command(root, killed, *steps)
+  process = subprocess.Popen(command, cwd=conftest.REPO, env=conftest.subprocess_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (os.path.isdir(killed / 'checkpoints') and
+             any('tmp' in d and not d.startswith('1') for d in os.listdir(killed / 'checkpoints'))):
+    assert time.time() < deadline and process.poll() is None, 'no save was caught in flight'
+    time.sleep(0.002)
+  process.kill()
+  process.wait()
+  result = _run(command)
+  assert 'Resumed from step' in result.stderr
+  _assert_same_state(killed, uninterrupted)
 
 
 def test_different_config_in_a_used_workdir_is_refused(trained, tmp_path):
@@ -126,3 +167,42 @@ def test_different_config_in_a_used_workdir_is_refused(trained, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert 'learning_rate: 0.001 -> 0.5' in result.stderr
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+  root, _ = trained
+  workdir = tmp_path / 'nan'
+  # An absurd learning rate overflows the activations within a few steps.
+  result = subprocess.run(
+      _train_command(root, workdir, '--config.learning_rate=1e35',
+                     '--config.num_train_steps=8', '--config.eval_every_steps=8'),
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode != 0
+  match = re.search(r'non-finite loss or gradients at step (\d+)', result.stderr)
+  assert match, result.stderr[-2000:]
+  bad_step = int(match.group(1))
+  state = _final_state(workdir)
+  assert max(int(d) for d in os.listdir(workdir / 'checkpoints')) == bad_step - 1
+  assert all(np.isfinite(v).all() for v in state.values())
+
+  skipping = tmp_path / 'skip'
+  result = _run(_train_command(root, skipping, '--config.learning_rate=1e35',
+                               '--config.num_train_steps=8', '--config.eval_every_steps=8',
+                               '--config.skip_nonfinite_steps=True'))
+  assert f'step {bad_step}: non-finite loss or gradients; update skipped' in result.stderr
+  records = writers.read_jsonl(str(skipping / 'metrics.jsonl'))
+  assert records[-1]['step'] == 8 and records[-1]['skipped_steps'] >= 1
+  assert all(np.isfinite(v).all() for v in _final_state(skipping).values())
+
+
+def test_evaluating_under_a_config_of_another_model_is_refused(trained, tmp_path):
+  _, workdir = trained
+  result = subprocess.run(
+      [sys.executable, '-m', 'brainseg.evaluate', '--workdir', str(workdir), '--split', 'val',
+       '--output', str(tmp_path / 'e'), '--config', 'configs/tiny.py',
+       '--config.model.features=8,16,32'],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode != 0
+  assert 'does not fit the config (model.features=(8, 16, 32)' in result.stderr
