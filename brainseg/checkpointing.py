@@ -11,7 +11,7 @@ checkpoint as the latest one.
 """
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import grain
 import jax
@@ -57,8 +57,10 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     with open(path) as f:
       old = _flat(json.load(f))
     flat_new = _flat(new)
-    changed = sorted(k for k in set(old) | set(flat_new)
-                     if old.get(k) != flat_new.get(k) and k not in RESUME_SAFE_FIELDS)
+    # Only settings both configs have: a field added to brainseg since the run
+    # started kept its default, which is what the run used.
+    changed = sorted(k for k in set(old) & set(flat_new)
+                     if old[k] != flat_new[k] and k not in RESUME_SAFE_FIELDS)
     if changed:
       details = '; '.join(f'{k}: {old.get(k)!r} -> {flat_new.get(k)!r}' for k in changed[:8])
       raise ValueError(
@@ -132,48 +134,66 @@ class BestCheckpoint:
     """
     if value <= self.value:
       return False
-    self.value = value
     meta = {'step': step, 'val_dice': value, 'config': json.loads(config.to_json_best_effort())}
-    self._manager.save(step, args=ocp.args.Composite(
+    saved = self._manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta)))
-    return True
+    if saved:
+      self.value = value
+    return saved
 
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
 
 
-def find_model_checkpoint(path: str, step: Optional[int] = None) -> Tuple[str, int]:
-  """(best-checkpoint folder, step) for a workdir or a `best/` folder.
+def _restore_on_one_device(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+  """Restores one item onto this process's first device, whatever mesh saved it.
 
-  Raises:
-    FileNotFoundError: if no best checkpoint (or not the named step) is there.
+  Restoring into the saved shardings fails on a machine with other devices (a
+  checkpoint of an 8-GPU run evaluated on a laptop); the caller places the arrays.
   """
-  for directory in (best_dir(path), os.path.abspath(path)):
-    if os.path.isdir(directory):
-      steps = ocp.utils.checkpoint_steps(directory)
-      if steps:
-        if step is None:
-          return directory, max(steps)
-        if step in steps:
-          return directory, step
-        raise FileNotFoundError(f'{directory} has no checkpoint of step {step} '
-                                f'(it has {sorted(steps)})')
-  raise FileNotFoundError(f'no best-on-val checkpoint under {path} (looked in '
-                          f'{best_dir(path)} and {path})')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  tree = manager.item_metadata(step)[item].tree
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+  return manager.restore(step, args=ocp.args.Composite(
+      **{item: ocp.args.StandardRestore(abstract)}))[item]
+
+
+def _steps(directory: str):
+  return ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
 
 
 def load_model(path: str, step: Optional[int] = None):
-  """Loads a best checkpoint: (variables, config, step).
+  """Loads a model for inference: (variables, config, step).
 
   Args:
-    path: a workdir, or a `best/` folder (such as results/reference/best).
-    step: a named step; the latest best if None.
+    path: a training workdir, or a `best/` folder (such as results/reference/best).
+    step: None for the best-on-val checkpoint; otherwise that step, from the best
+      checkpoint or from the workdir's periodic train-state checkpoints.
+
+  Raises:
+    FileNotFoundError: naming where it looked.
   """
-  directory, step = find_model_checkpoint(path, step)
-  manager = _best_manager(directory, read_only=True)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  manager.close()
-  config = ml_collections.ConfigDict(restored['meta']['config'])
-  return restored['model'], config, step
+  best = best_dir(path) if os.path.isdir(best_dir(path)) else os.path.abspath(path)
+  best_steps = _steps(best)
+  if step is None and best_steps:
+    step = max(best_steps)
+  if step in best_steps:
+    manager = _best_manager(best, read_only=True)
+    model = _restore_on_one_device(manager, step, 'model')
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    manager.close()
+    return model, ml_collections.ConfigDict(meta['config']), step
+  if step is not None and step in _steps(train_dir(path)):
+    manager = ocp.CheckpointManager(train_dir(path), options=ocp.CheckpointManagerOptions(
+        read_only=True), item_handlers={'state': ocp.StandardCheckpointHandler()})
+    state = _restore_on_one_device(manager, step, 'state')
+    manager.close()
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    return {'params': state['params'], 'batch_stats': state['batch_stats']}, config, step
+  wanted = 'a best-on-val checkpoint' if step is None else f'a checkpoint of step {step}'
+  raise FileNotFoundError(
+      f'no {wanted} under {path} (best steps: {sorted(best_steps)}, periodic steps: '
+      f'{sorted(_steps(train_dir(path)))})')

@@ -53,9 +53,14 @@ class Patient:
 
 def _patient_folders(root: str) -> Dict[str, str]:
   """Maps patient id -> folder for every folder below root that holds slices."""
-  folders = {}
-  for dirpath, dirnames, filenames in sorted(os.walk(root)):
-    dirnames.sort()
+  folders, visited = {}, set()
+  # Links are followed (a root may be built from linked patient folders); each
+  # real folder is visited once, so link loops end.
+  for dirpath, dirnames, filenames in sorted(os.walk(root, followlinks=True)):
+    real = os.path.realpath(dirpath)
+    if real in visited:
+      continue
+    visited.add(real)
     name = os.path.basename(dirpath)
     if any(_is_slice_of(f, name) for f in filenames) and name not in folders:
       folders[name] = dirpath  # A duplicated copy of the tree is skipped.
@@ -214,13 +219,21 @@ def _to_hwc(array: np.ndarray, path: str) -> np.ndarray:
 
 
 def _to_uint8(array: np.ndarray, path: str) -> np.ndarray:
-  """Scales any integer or float image to uint8 0-255 by its dtype's range."""
+  """Scales any integer or float image to uint8 0-255.
+
+  Wider integers are scaled by the image's own maximum: MRI often stores 12-bit
+  values in 16-bit words, and scaling by 65535 would crush them to a few levels.
+  Floats in 0-1 are scaled by 255; floats above 1 are taken as 0-255.
+  """
   if array.dtype == np.uint8:
     return array
   if array.dtype == np.bool_:
     return array.astype(np.uint8) * 255
-  if np.issubdtype(array.dtype, np.unsignedinteger):
-    return (array.astype(np.float64) / np.iinfo(array.dtype).max * 255).round().astype(np.uint8)
+  if np.issubdtype(array.dtype, np.integer):
+    if array.min() < 0:
+      raise DataError(f'{path}: image holds negative values ({array.dtype})')
+    top = max(int(array.max()), 1)
+    return (array.astype(np.float64) / top * 255).round().astype(np.uint8)
   if np.issubdtype(array.dtype, np.floating):
     if not np.isfinite(array).all():
       raise DataError(f'{path}: image holds NaN or Inf values')
@@ -242,7 +255,7 @@ def read_image(path: str) -> np.ndarray:
 
 def read_mask(path: str) -> np.ndarray:
   """Reads a mask as HxW bool; 0/1, 0/255, bool and RGB masks are all accepted."""
-  mask = _to_hwc(_read_tiff(path), path)
+  mask = _to_hwc(_read_tiff(path), path)[..., :3]  # An alpha channel is not tumour.
   return np.ascontiguousarray(mask.max(axis=-1) > 0)
 
 
@@ -263,6 +276,9 @@ def load_split_file(path: str, patients: Sequence[str]) -> Dict[str, List[str]]:
       raw = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'split file {path}: cannot read it ({e})') from e
+  if not isinstance(raw, dict):
+    raise DataError(f'split file {path}: must hold a JSON object with "train", "val" and '
+                    '"test" lists')
   split = {}
   for part in SPLITS:
     if not isinstance(raw.get(part), list):

@@ -77,9 +77,11 @@ def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
   _, arrays = train.load_splits(config, parts=(split,))
   arrays = arrays[split]
   mesh = parallel.create_mesh()
+  host_variables = variables
   variables = jax.device_put(variables, parallel.replicated(mesh))
   jit_eval = train.compile_eval_step(train.create_model(config), mesh)
-  eval_batch = config.eval_batch_size
+  # Any batch size works: rounded up to fill every device, padding is dropped.
+  eval_batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
   counts = train.evaluate_counts(jit_eval, variables, arrays, eval_batch, mesh)
   results = metrics_lib.summarize(arrays.patient_ids, **counts)
   results.update(split=split, checkpoint_step=int(step),
@@ -92,7 +94,7 @@ def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
     metrics_lib.write_per_patient_csv(os.path.join(output, 'per_patient.csv'),
                                       arrays.patient_ids, **counts)
     if num_overlays:
-      visualize.save_overlays(output, variables, config, arrays, num_overlays)
+      visualize.save_overlays(output, host_variables, config, arrays, num_overlays)
   return results
 
 

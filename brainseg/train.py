@@ -18,6 +18,7 @@ from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -195,7 +196,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval_batch_size <= 0 or config.eval_batch_size % n_dev:
     raise ValueError(f'config eval_batch_size={config.eval_batch_size} must be a positive '
                      f'multiple of the device count ({n_dev})')
-  depth = len(config.model.features)
+  depth = max(len(config.model.features), 1)
   if config.data.image_size % (2 ** (depth - 1)):
     raise ValueError(f'config data.image_size={config.data.image_size} must be divisible by '
                      f'2**(depth-1)={2 ** (depth - 1)} for {depth} levels of model.features')
@@ -207,10 +208,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                ('schedule', config.schedule, ('constant', 'cosine'))):
     if value not in allowed:
       raise ValueError(f'config {name} must be one of {sorted(allowed)}, got {value!r}')
-  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
-    if config[name] <= 0:
-      raise ValueError(f'config {name} must be positive, got {config[name]}')
-  del n_proc
+  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+               'data.num_threads', 'data.prefetch'):
+    value = config.data[name[5:]] if name.startswith('data.') else config[name]
+    if value <= 0:
+      raise ValueError(f'config {name} must be positive, got {value}')
+  if not 0 <= config.data.tumour_fraction < 1:
+    raise ValueError(f'config data.tumour_fraction must be in [0, 1), got '
+                     f'{config.data.tumour_fraction}')
+  if not config.model.features or min(config.model.features) < 2:
+    raise ValueError(f'config model.features must be a non-empty list of widths >= 2, got '
+                     f'{tuple(config.model.features)}')
+  if config.batch_size % n_proc:
+    raise ValueError(f'config batch_size={config.batch_size} must divide by the process '
+                     f'count ({n_proc})')
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -251,12 +262,23 @@ class _Preemption:
   """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def should_stop(self) -> bool:
+    """Whether any process was told to stop; every process gets the same answer.
+
+    Called once per step by every process (a collective when there are several),
+    so all of them save the same step and leave the loop together.
+    """
+    stop = self._requested
+    if jax.process_count() > 1:
+      stop = bool(multihost_utils.process_allgather(np.int32(stop)).max())
+    return stop
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -310,11 +332,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   jit_train = compile_train_step(config, mesh)
   jit_eval = compile_eval_step(create_model(config), mesh)
-  writer = writers.MetricLogger(workdir, jax.process_index())
+  writer = writers.MetricLogger(workdir, jax.process_index(), resume_step=start_step)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+                                           every_steps=config.log_every_steps, every_secs=None)
   preemption = _Preemption()
   schedule = make_lr_schedule(config, num_steps)
 
@@ -331,8 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       unchecked.append((step, finite))
       report(step)
       is_last = step == num_steps
+      stop = preemption.should_stop()
       do_eval = step % config.eval_every_steps == 0 or is_last
-      do_save = step % config.checkpoint_every_steps == 0 or is_last or preemption.requested
+      do_save = step % config.checkpoint_every_steps == 0 or is_last or stop
       if step % config.log_every_steps == 0 or do_eval or do_save:
         # Checked before anything is evaluated or saved: a NaN state is never kept.
         skipped += _check_finite(unchecked, config.skip_nonfinite_steps, manager, workdir)
@@ -354,8 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.flush()
       if do_save:
         with report.timed('checkpoint'):
-          checkpointing.save(manager, step, state, train_iter, force=preemption.requested)
-      if preemption.requested:
+          checkpointing.save(manager, step, state, train_iter, force=stop)
+      if stop:
         manager.wait_until_finished()
         logging.warning('SIGTERM received: saved step %d in %s and stopping; run the '
                         'same command to resume.', step, workdir)

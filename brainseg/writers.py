@@ -20,14 +20,21 @@ class MetricLogger:
   Only process 0 writes; on other processes every call does nothing.
   """
 
-  def __init__(self, workdir: str, process_index: int = 0):
+  def __init__(self, workdir: str, process_index: int = 0, resume_step: int = 0):
+    """Opens the writers; `resume_step` drops jsonl records a killed run wrote after
+    its last checkpoint, since the resumed run logs those steps again."""
     self._active = process_index == 0
     self._pending_step, self._pending = None, {}
     if not self._active:
       return
     from clu import metric_writers  # Lazy: pulls in TensorFlow.
     self._tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+      kept = [r for r in read_jsonl(path) if r['step'] <= resume_step]
+      with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    self._jsonl = open(path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._active:

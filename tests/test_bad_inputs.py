@@ -48,6 +48,9 @@ def test_lossless_encodings_read_identically(tmp_path, compression):
 def test_uint16_and_float_images_are_scaled_to_uint8(tmp_path):
   u16 = (RGB.astype(np.uint16) * 257)  # 255 -> 65535
   np.testing.assert_array_equal(data.read_image(_write(tmp_path, 'u.tif', u16)), RGB)
+  twelve_bit = (RGB.astype(np.int64) * 4095 // RGB.max()).astype(np.uint16)  # 12 of 16 bits
+  read = data.read_image(_write(tmp_path, 'u12.tif', twelve_bit))
+  assert read.max() == 255 and len(np.unique(read)) > 200
   unit = RGB.astype(np.float32) / 255
   np.testing.assert_array_equal(
       data.read_image(_write(tmp_path, 'f.tif', unit, photometric='rgb')), RGB)
@@ -62,6 +65,7 @@ def test_uint16_and_float_images_are_scaled_to_uint8(tmp_path):
     np.array([[0, 255], [255, 0]], np.uint8),
     np.array([[False, True], [True, False]]),
     np.stack([np.array([[0, 255], [255, 0]], np.uint8)] * 3, axis=-1),  # RGB
+    np.dstack([np.array([[0, 255], [255, 0]], np.uint8)] * 3 + [np.full((2, 2), 255, np.uint8)]),
 ])
 def test_mask_encodings(tmp_path, mask):
   read = data.read_mask(_write(tmp_path, 'm.tif', mask))

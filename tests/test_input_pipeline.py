@@ -89,6 +89,20 @@ def test_augmentation_keeps_shapes_and_mask_range():
   assert not np.array_equal(out['image'], element['image'])
 
 
+def test_augmentation_moves_image_and_mask_together():
+  rng = np.random.default_rng(3)
+  mask = np.zeros((24, 24, 1), np.float32)
+  mask[5:12, 8:20] = 1
+  element = {'image': np.repeat(mask, 3, axis=-1), 'mask': mask}
+  config = ml_collections.ConfigDict(dict(flip_lr=True, flip_ud=True, rotate_deg=20.0,
+                                          scale=0.2, intensity=0.0))
+  augment = input_pipeline.Augment(config)
+  for _ in range(5):
+    out = augment.random_map(element, rng)
+    for c in range(3):
+      np.testing.assert_allclose(out['image'][..., c], out['mask'][..., 0], atol=1e-6)
+
+
 @pytest.mark.parametrize('processes', [1, 3])
 def test_eval_visits_every_slice_once(tiny_root, processes):
   arrays = _arrays(tiny_root)
