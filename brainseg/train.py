@@ -14,7 +14,6 @@ from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 from clu import metrics as clu_metrics
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -333,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   jit_train = compile_train_step(config, mesh)
   jit_eval = compile_eval_step(create_model(config), mesh)
   writer = writers.MetricLogger(workdir, jax.process_index(), resume_step=start_step)
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

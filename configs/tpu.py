@@ -1,6 +1,6 @@
 r"""A Cloud TPU slice (e.g. v5e-16: 4 hosts x 4 chips), bf16 at 256x256.
 
-  launch/tpu_vm.sh NAME ZONE configs/tpu.py gs://BUCKET/brainseg/tpu
+  launch/tpu_vm.sh NAME ZONE configs/tpu.py /mnt/shared/brainseg/tpu
 
 Global batch 256 = 16 per chip x 16 chips. The learning rate is the GPU
 recipe's 4e-3 (batch 128) scaled by sqrt(2) for the doubled batch, the usual

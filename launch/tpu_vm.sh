@@ -2,14 +2,14 @@
 # Train on a Cloud TPU VM slice: copy the code to every worker, install, and run the
 # same command on all of them (JAX finds the other hosts of the slice by itself).
 #   launch/tpu_vm.sh TPU_NAME ZONE [CONFIG] [WORKDIR] [--config.x=y ...]
-# WORKDIR may be local to each worker or a gs:// bucket (orbax and TensorBoard write
-# there directly). The data root must be readable on every worker:
-#   --config.data.root=/mnt/data/kaggle_3m
+# WORKDIR must be a folder every worker sees (Filestore/NFS, or a bucket mounted with
+# gcsfuse): checkpoints are written by all hosts together. The data root must be
+# readable on every worker:  --config.data.root=/mnt/data/kaggle_3m
 set -euo pipefail
 name=${1:?TPU name}
 zone=${2:?zone}
 config=${3:-configs/tpu.py}
-workdir=${4:-/tmp/brainseg/tpu}
+workdir=${4:?give a workdir on a file system every worker sees}
 shift $(( $# < 4 ? $# : 4 ))
 cd "$(dirname "$0")/.."
 gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "mkdir -p brainseg-src"

@@ -71,3 +71,13 @@ def test_bfloat16_compute_keeps_float32_params():
   variables = _init(model, (1, 8, 8, 1))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   assert model.apply(variables, jnp.ones((1, 8, 8, 1))).dtype == jnp.float32
+
+
+def test_importing_brainseg_does_not_import_tensorflow():
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  code = ('import sys, brainseg.train, brainseg.evaluate, brainseg.check_data; '
+          'print("tensorflow" in sys.modules)')
+  result = subprocess.run([sys.executable, '-c', code], cwd=conftest.REPO, text=True,
+                          capture_output=True, env=conftest.subprocess_env(), check=True)
+  assert result.stdout.strip() == 'False'
