@@ -17,9 +17,6 @@ from absl import flags
 
 from brainseg import data
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('split_file', None, 'Also check a split JSON against the root.')
-flags.DEFINE_integer('threads', 4, 'Decoding threads.')
 
 
 def _inspect_slice(s: data.Slice):
@@ -93,7 +90,7 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError('usage: python -m brainseg.check_data ROOT [--split_file F]')
   try:
-    report = check_root(argv[1], FLAGS.split_file, FLAGS.threads)
+    report = check_root(argv[1], flags.FLAGS.split_file, flags.FLAGS.threads)
   except data.DataError as e:
     print(f'PROBLEM {e}')
     sys.exit(1)
@@ -102,4 +99,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so other commands can import check_root.
+  flags.DEFINE_string('split_file', None, 'Also check a split JSON against the root.')
+  flags.DEFINE_integer('threads', 4, 'Decoding threads.')
   app.run(main)
