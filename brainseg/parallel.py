@@ -14,9 +14,9 @@ import numpy as np
 DATA_AXIS = 'data'
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over all devices of all processes."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices`: by default every device of every process."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
