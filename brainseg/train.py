@@ -30,6 +30,7 @@ from brainseg import losses
 from brainseg import metrics as metrics_lib
 from brainseg import models
 from brainseg import parallel
+from brainseg import visualize
 from brainseg import writers
 
 
@@ -340,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   preemption = _Preemption()
   schedule = make_lr_schedule(config, num_steps)
 
+  shown_rows = visualize.display_rows(val_arrays)  # The same val slices at every eval.
+
   # ----- Loop -----
   train_metrics, unchecked = None, []  # unchecked: (step, finite flag) since the last sync.
   skipped = 0
@@ -372,6 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.write_scalars(step, {f'val/{k}': v for k, v in _flatten(val).items()})
         logging.info('step %d  val per-slice Dice %.4f  per-patient Dice %.4f', step,
                      val['per_slice']['dice'], val['per_patient']['dice_mean'])
+        writer.write_images(step, {f'val/{k}': v for k, v in visualize.tensorboard_images(
+            model_variables(state), state.apply_fn, val_arrays.images[shown_rows],
+            val_arrays.masks[shown_rows]).items()})
         if best.update(step, model_variables(state), val['per_slice']['dice'], config):
           logging.info('New best val per-slice Dice %.4f at step %d', best.value, step)
         writer.flush()

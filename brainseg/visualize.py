@@ -65,6 +65,48 @@ def save_overlays(output: str, variables: Dict[str, Any], config: ml_collections
   return paths
 
 
+def display_rows(arrays, count: int = 4) -> np.ndarray:
+  """A fixed choice of `count` tumour slices spread over a split, for TensorBoard."""
+  tumour_rows = np.flatnonzero(arrays.has_tumour)
+  if not len(tumour_rows):
+    tumour_rows = np.arange(len(arrays))
+  return tumour_rows[np.linspace(0, len(tumour_rows) - 1, min(count, len(tumour_rows))).astype(int)]
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+  low, high = np.percentile(x, 1), np.percentile(x, 99)
+  return np.clip((x - low) / max(high - low, 1e-6), 0, 1)
+
+
+def tensorboard_images(variables: Dict[str, Any], apply_fn, images: np.ndarray,
+                       masks: np.ndarray) -> Dict[str, np.ndarray]:
+  """Overlays and attention-gate maps of a few slices, at the model's input size.
+
+  Args:
+    images: (N, S, S, C) model inputs; masks: (N, S, S, 1) resized ground truth.
+
+  Returns:
+    {'overlays': (N, S, S, 3) float in [0, 1] with the truth outlined in green and
+     the prediction in red, 'attention_<level>': (N, S, S, 1) gate maps}.
+  """
+  logits, state = jax.jit(lambda v, x: apply_fn(v, x, train=False,
+                                                mutable=['intermediates']))(variables, images)
+  predicted = np.asarray(logits)[..., 0] > 0
+  # The FLAIR channel (the middle one) of 3-channel input shows the lesion best.
+  base = _to_unit(np.asarray(images)[..., images.shape[-1] // 2])
+  overlays = np.repeat(base[..., None], 3, axis=-1)
+  for i in range(len(images)):
+    overlays[i][tumour_outline(masks[i, ..., 0] > 0.5)] = (0, 1, 0)
+    overlays[i][tumour_outline(predicted[i])] = (1, 0, 0)
+  out = {'overlays': overlays}
+  size = images.shape[1]
+  for name, (attention,) in sorted(state['intermediates'].items()):
+    attention = np.asarray(attention)
+    repeat = size // attention.shape[1]
+    out[name] = attention.repeat(repeat, axis=1).repeat(repeat, axis=2)
+  return out
+
+
 def plot_learning_curve(metrics_path: str, output_path: str) -> None:
   """Training loss and validation Dice against step, from a metrics.jsonl file."""
   records = writers.read_jsonl(metrics_path)

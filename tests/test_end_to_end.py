@@ -206,3 +206,66 @@ def test_evaluating_under_a_config_of_another_model_is_refused(trained, tmp_path
       timeout=300)
   assert result.returncode != 0
   assert 'does not fit the config (model.features=(8, 16, 32)' in result.stderr
+
+
+def test_predict_writes_masks_overlays_gifs_and_areas(trained, tmp_path):
+  root, workdir = trained
+  pid = synthetic_patient(root)
+  # One slice of another size, and one without a mask.
+  other = tmp_path / 'other'
+  other.mkdir()
+  import tifffile  # pylint: disable=g-import-not-at-top
+  tifffile.imwrite(other / 'scan_1.tif', np.full((48, 40, 3), 90, np.uint8))
+  out = tmp_path / 'pred'
+  for source in (os.path.join(root, pid), str(other / 'scan_1.tif')):
+    result = _run([sys.executable, '-m', 'brainseg.predict', '--checkpoint', str(workdir),
+                   '--input', source, '--output', str(out)])
+    assert 'Wrote' in result.stdout
+  assert 'resized to 32x32 for the model' in result.stderr
+  folder = out / pid
+  masks = sorted(f for f in os.listdir(folder) if f.endswith('_pred_mask.tif'))
+  assert len(masks) == 6
+  mask = tifffile.imread(folder / masks[0])
+  assert mask.shape == (32, 32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+  assert len([f for f in os.listdir(folder) if f.endswith('_overlay.png')]) == 6
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(folder / f'{pid}.gif').n_frames == 6
+  rows = list(csv.DictReader(open(folder / f'{pid}_areas.csv')))
+  assert [r['slice'] for r in rows] == [f'{pid}_{n}' for n in range(1, 7)]
+  assert 'true_pixels' in rows[0]
+  assert tifffile.imread(out / 'other' / 'scan_1_pred_mask.tif').shape == (48, 40)
+
+
+def synthetic_patient(root):
+  return sorted(os.listdir(root))[0]
+
+
+def test_predictor_compiles_once(trained):
+  root, workdir = trained
+  from brainseg import checkpointing, predict  # pylint: disable=g-import-not-at-top
+  variables, config, _ = checkpointing.load_model(str(workdir))
+  predictor = predict.Predictor(variables, config, batch_size=4)
+  for count in (4, 3, 9):  # Full, partial and several batches.
+    assert predictor(np.zeros((count, 32, 32, 3), np.float32)).shape == (count, 32, 32)
+  assert predictor.compiled_versions() == 1
+
+
+def test_exported_model_matches_the_checkpoint_in_a_fresh_process(trained, tmp_path):
+  _, workdir = trained
+  path = tmp_path / 'model.zip'
+  _run([sys.executable, '-m', 'brainseg.export', '--checkpoint', str(workdir),
+        '--output', str(path), '--platforms', 'cpu'])
+  images = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype(np.float32)
+  np.save(tmp_path / 'images.npy', images)
+  # Only JAX in the fresh process: no brainseg import.
+  code = ('import json, sys, zipfile, jax, numpy as np\n'
+          f'z = zipfile.ZipFile({str(path)!r})\n'
+          'model = jax.export.deserialize(bytearray(z.read("model.jaxexport")))\n'
+          f'np.save({str(tmp_path / "out.npy")!r}, '
+          f'np.asarray(model.call(np.load({str(tmp_path / "images.npy")!r}))))\n'
+          'assert "brainseg" not in sys.modules\n')
+  _run([sys.executable, '-c', code])
+  from brainseg import checkpointing, predict  # pylint: disable=g-import-not-at-top
+  variables, config, _ = checkpointing.load_model(str(workdir))
+  direct = predict.Predictor(variables, config, batch_size=5)(images)
+  np.testing.assert_allclose(np.load(tmp_path / 'out.npy'), direct, atol=1e-6)
