@@ -91,10 +91,15 @@ def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, 'metrics.json'), 'w') as f:
       json.dump(results, f, indent=2)
-    metrics_lib.write_per_patient_csv(os.path.join(output, 'per_patient.csv'),
-                                      arrays.patient_ids, **counts)
+    per_patient_csv = os.path.join(output, 'per_patient.csv')
+    metrics_lib.write_per_patient_csv(per_patient_csv, arrays.patient_ids, **counts)
+    visualize.plot_per_patient_dice(per_patient_csv, os.path.join(output, 'per_patient_dice.png'))
     if num_overlays:
-      visualize.save_overlays(output, host_variables, config, arrays, num_overlays)
+      patients = metrics_lib.per_patient_counts(arrays.patient_ids, **counts)
+      dice = metrics_lib.dice_precision_recall(patients['intersection'], patients['predicted'],
+                                               patients['true'])['dice']
+      visualize.save_overlays(output, host_variables, config, arrays, num_overlays,
+                              dict(zip(patients['patient'], dice)))
   return results
 
 

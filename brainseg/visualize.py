@@ -46,23 +46,51 @@ def overlay_panel(path: str, image: np.ndarray, truth: np.ndarray, prediction: n
 
 
 def save_overlays(output: str, variables: Dict[str, Any], config: ml_collections.ConfigDict,
-                  arrays, count: int) -> Sequence[str]:
-  """Overlay PNGs of `count` tumour slices spread evenly over the split."""
+                  arrays, count: int, patient_dice: Dict[str, float]) -> Sequence[str]:
+  """Overlay PNGs: `count` tumour slices spread over the split, and the largest
+  tumour slice of the best, median and worst patient by Dice."""
   from brainseg import train  # pylint: disable=g-import-not-at-top  (train imports us)
-  tumour_rows = np.flatnonzero(arrays.has_tumour)
-  rows = tumour_rows[np.linspace(0, len(tumour_rows) - 1, min(count, len(tumour_rows))).astype(int)]
+  rows = list(display_rows(arrays, count))
+  ranked = sorted(patient_dice, key=patient_dice.get)
+  named = {'worst': ranked[0], 'median': ranked[len(ranked) // 2], 'best': ranked[-1]}
+  tumour_area = arrays.native_masks.sum(axis=(1, 2))
+  for pid in named.values():
+    rows.append(int(np.argmax(np.where(arrays.patient_ids == pid, tumour_area, -1))))
   model = train.create_model(config)
   native_hw = arrays.native_masks.shape[1:]
   predict = jax.jit(lambda v, x: train.predict_probs(v, x, native_hw, model.apply))
   probs = np.asarray(predict(variables, arrays.images[rows]))
+  labels = [''] * count + [f'{k}_' for k in named]
   paths = []
-  for row, prob in zip(rows, probs):
-    name = f'{arrays.patient_ids[row]}_{arrays.slice_numbers[row]}.png'
-    path = os.path.join(output, f'overlay_{name}')
+  for label, row, prob in zip(labels, rows, probs):
+    pid, number = arrays.patient_ids[row], arrays.slice_numbers[row]
+    path = os.path.join(output, f'overlay_{label}{pid}_{number}.png')
+    title = f'{pid} slice {number}' + (f' ({label[:-1]} patient, volume Dice '
+                                       f'{patient_dice[pid]:.3f})' if label else '')
     overlay_panel(path, data_lib.read_image(arrays.image_paths[row]), arrays.native_masks[row],
-                  prob > 0.5, title=f'{arrays.patient_ids[row]} slice {arrays.slice_numbers[row]}')
+                  prob > 0.5, title=title)
     paths.append(path)
   return paths
+
+
+def plot_per_patient_dice(per_patient_csv: str, output_path: str) -> None:
+  """A bar chart of each patient's volume Dice, sorted, from per_patient.csv."""
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(per_patient_csv) as f:
+    rows = sorted(csv.DictReader(f), key=lambda r: float(r['dice']))
+  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
+  dice = [float(r['dice']) for r in rows]
+  ax.bar(range(len(rows)), dice, color='tab:blue')
+  ax.axhline(np.mean(dice), color='tab:red', lw=1, label=f'mean {np.mean(dice):.3f}')
+  ax.axhline(np.median(dice), color='tab:green', lw=1, ls='--',
+             label=f'median {np.median(dice):.3f}')
+  ax.set_xticks(range(len(rows)), [r['patient'].replace('TCGA_', '') for r in rows],
+                rotation=70, fontsize=7)
+  ax.set(ylabel='volume Dice', ylim=(0, 1), title='Dice per patient')
+  ax.legend(loc='lower right')
+  fig.tight_layout()
+  fig.savefig(output_path, dpi=90)
+  plt.close(fig)
 
 
 def display_rows(arrays, count: int = 4) -> np.ndarray:

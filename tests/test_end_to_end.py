@@ -91,6 +91,13 @@ def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
   assert set(scalars['loss']) == {1, 2}
   assert scalars['loss'][2] == pytest.approx(records[1]['loss'], rel=1e-6)
   assert 2 in scalars['val/per_slice/dice']
+  events = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  tags = events.Tags()['tensors']
+  assert {'val/overlays', 'val/attention_0', 'val/attention_1'} <= set(tags)
+  overlay = tensor_util.make_ndarray(events.Tensors('val/overlays')[0].tensor_proto)
+  assert overlay[0] == b'32' and overlay[1] == b'32'  # Encoded images: width, height, PNGs.
   config = json.load(open(workdir / 'config.json'))
   assert config['model']['features'] == [4, 8, 16]
 
@@ -109,7 +116,10 @@ def test_evaluate_in_a_fresh_process(trained, tmp_path):
   assert (m['split'], m['num_patients'], m['num_slices'], m['checkpoint_step']) == ('test', 2, 12, 2)
   rows = list(csv.DictReader(open(out / 'per_patient.csv')))
   assert len(rows) == 2 and sum(int(r['num_slices']) for r in rows) == 12
-  assert len([f for f in os.listdir(out) if f.startswith('overlay_')]) == 1
+  overlays = [f for f in os.listdir(out) if f.startswith('overlay_')]
+  assert len(overlays) == 4  # One spread slice; best, median and worst patient.
+  assert {f.split('_')[1] for f in overlays} >= {'best', 'median', 'worst'}
+  assert os.path.exists(out / 'per_patient_dice.png')
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(trained, tmp_path):
