@@ -1,6 +1,7 @@
 """Shared test set-up: the repo on sys.path, and synthetic kaggle_3m trees in temp dirs."""
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -8,6 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED_DATA = os.path.join(REPO, '..', 'shared', 'data')
 REAL_ROOT = os.path.join(SHARED_DATA, 'kaggle_3m')
+# One XLA compilation cache for every CLI subprocess of a test session: they
+# compile the same tiny-model steps, and compiling dominates their run time.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix='brainseg-test-xla-cache-')
 
 from tests import synthetic  # pylint: disable=wrong-import-position
 
@@ -24,4 +28,7 @@ def subprocess_env():
   env = dict(os.environ)
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
+  env['JAX_COMPILATION_CACHE_DIR'] = COMPILATION_CACHE
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   return env

@@ -221,16 +221,16 @@ def test_evaluating_under_a_config_of_another_model_is_refused(trained, tmp_path
 def test_predict_writes_masks_overlays_gifs_and_areas(trained, tmp_path):
   root, workdir = trained
   pid = synthetic_patient(root)
-  # One slice of another size, and one without a mask.
-  other = tmp_path / 'other'
-  other.mkdir()
+  # A root of one patient folder (linked) and one slice of another size, without a mask.
+  inputs = tmp_path / 'inputs'
+  (inputs / 'other').mkdir(parents=True)
+  os.symlink(os.path.join(root, pid), inputs / pid)
   import tifffile  # pylint: disable=g-import-not-at-top
-  tifffile.imwrite(other / 'scan_1.tif', np.full((48, 40, 3), 90, np.uint8))
+  tifffile.imwrite(inputs / 'other' / 'scan_1.tif', np.full((48, 40, 3), 90, np.uint8))
   out = tmp_path / 'pred'
-  for source in (os.path.join(root, pid), str(other / 'scan_1.tif')):
-    result = _run([sys.executable, '-m', 'brainseg.predict', '--checkpoint', str(workdir),
-                   '--input', source, '--output', str(out)])
-    assert 'Wrote' in result.stdout
+  result = _run([sys.executable, '-m', 'brainseg.predict', '--checkpoint', str(workdir),
+                 '--input', str(inputs), '--output', str(out)])
+  assert 'Wrote 7 slice(s) of 2 patient(s)' in result.stdout
   assert 'resized to 32x32 for the model' in result.stderr
   folder = out / pid
   masks = sorted(f for f in os.listdir(folder) if f.endswith('_pred_mask.tif'))
