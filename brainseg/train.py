@@ -187,6 +187,13 @@ def evaluate_counts(jit_eval, variables, arrays: input_pipeline.SliceArrays,
 # ---------------------------------------------------------------------------
 
 
+def resolve_batch_size(config: ml_collections.ConfigDict) -> None:
+  """Sets the global batch_size from per_device_batch_size when that is given (> 0)."""
+  if config.per_device_batch_size > 0:
+    config.batch_size = config.per_device_batch_size * jax.device_count()
+    config.eval_batch_size = max(config.eval_batch_size, config.batch_size)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects a bad setting by name before any data is read."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
@@ -300,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Returns:
     the final train state.
   """
+  resolve_batch_size(config)
   validate_config(config)
   prepare_workdir(workdir)
   checkpointing.check_workdir_config(workdir, config)

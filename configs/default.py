@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_steps = 0
 
   config.batch_size = 16  # Global, over all devices and hosts.
+  config.per_device_batch_size = -1  # > 0: batch_size = this x the device count.
   config.eval_batch_size = 32
   config.num_epochs = 50
   config.num_train_steps = -1  # -1: derived from num_epochs.
