@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from flax import traverse_util
 import grain
 import jax
 import ml_collections
@@ -33,16 +34,6 @@ def best_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'best')
 
 
-def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir's checkpoints under a different config; saves the config.
 
@@ -55,8 +46,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
                         for d in (train_dir(workdir), best_dir(workdir)))
   if has_checkpoints and os.path.exists(path) and not config.get('allow_config_change'):
     with open(path) as f:
-      old = _flat(json.load(f))
-    flat_new = _flat(new)
+      old = traverse_util.flatten_dict(json.load(f), sep='.')
+    flat_new = traverse_util.flatten_dict(new, sep='.')
     # Only settings both configs have: a field added to brainseg since the run
     # started kept its default, which is what the run used.
     changed = sorted(k for k in set(old) & set(flat_new)

@@ -95,11 +95,9 @@ def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
     metrics_lib.write_per_patient_csv(per_patient_csv, arrays.patient_ids, **counts)
     visualize.plot_per_patient_dice(per_patient_csv, os.path.join(output, 'per_patient_dice.png'))
     if num_overlays:
-      patients = metrics_lib.per_patient_counts(arrays.patient_ids, **counts)
-      dice = metrics_lib.dice_precision_recall(patients['intersection'], patients['predicted'],
-                                               patients['true'])['dice']
+      patients = metrics_lib.per_patient_scores(arrays.patient_ids, **counts)
       visualize.save_overlays(output, host_variables, config, arrays, num_overlays,
-                              dict(zip(patients['patient'], dice)))
+                              dict(zip(patients['patient'], patients['dice'])))
   return results
 
 

@@ -70,6 +70,14 @@ def per_patient_counts(patient_ids, intersection, predicted, true) -> Dict[str, 
   }
 
 
+def per_patient_scores(patient_ids, intersection, predicted, true) -> Dict[str, np.ndarray]:
+  """Per-patient totals (per_patient_counts) plus each volume's Dice, precision, recall."""
+  patients = per_patient_counts(patient_ids, intersection, predicted, true)
+  patients.update(dice_precision_recall(patients['intersection'], patients['predicted'],
+                                        patients['true']))
+  return patients
+
+
 def summarize(patient_ids, intersection, predicted, true) -> Dict[str, dict]:
   """All split-level metrics from per-slice counts.
 
@@ -78,9 +86,7 @@ def summarize(patient_ids, intersection, predicted, true) -> Dict[str, dict]:
      'num_patients'}: plain floats and ints, ready for JSON.
   """
   per_slice = dice_precision_recall(intersection, predicted, true)
-  patients = per_patient_counts(patient_ids, intersection, predicted, true)
-  per_patient = dice_precision_recall(patients['intersection'], patients['predicted'],
-                                      patients['true'])
+  per_patient = per_patient_scores(patient_ids, intersection, predicted, true)
   total = dice_precision_recall(np.sum(intersection), np.sum(predicted), np.sum(true))
   return {
       'per_slice': {k: float(np.mean(v)) for k, v in per_slice.items()},
@@ -93,15 +99,13 @@ def summarize(patient_ids, intersection, predicted, true) -> Dict[str, dict]:
       },
       'global': {k: float(v) for k, v in total.items()},
       'num_slices': int(len(np.asarray(true))),
-      'num_patients': int(len(patients['patient'])),
+      'num_patients': int(len(per_patient['patient'])),
   }
 
 
 def write_per_patient_csv(path: str, patient_ids, intersection, predicted, true) -> None:
   """One row per patient: slice counts, pixel totals and volume Dice/precision/recall."""
-  patients = per_patient_counts(patient_ids, intersection, predicted, true)
-  scores = dice_precision_recall(patients['intersection'], patients['predicted'],
-                                 patients['true'])
+  patients = per_patient_scores(patient_ids, intersection, predicted, true)
   slice_dice = dice_precision_recall(intersection, predicted, true)['dice']
   ids = np.asarray(patient_ids)
   with open(path, 'w', newline='') as f:
@@ -111,5 +115,5 @@ def write_per_patient_csv(path: str, patient_ids, intersection, predicted, true)
     for i, pid in enumerate(patients['patient']):
       writer.writerow([pid, patients['num_slices'][i], patients['tumour_slices'][i],
                        int(patients['true'][i]), int(patients['predicted'][i]),
-                       f'{scores["dice"][i]:.6f}', f'{scores["precision"][i]:.6f}',
-                       f'{scores["recall"][i]:.6f}', f'{slice_dice[ids == pid].mean():.6f}'])
+                       f'{patients["dice"][i]:.6f}', f'{patients["precision"][i]:.6f}',
+                       f'{patients["recall"][i]:.6f}', f'{slice_dice[ids == pid].mean():.6f}'])

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 from absl import logging
 from clu import metrics as clu_metrics
 import flax
+from flax import traverse_util
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
@@ -437,12 +438,7 @@ def _log_train(writer, step: int, num_steps: int, summary, rate: float,
                _format_eta((num_steps - step) / max(rate, 1e-9)))
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, float]:
-  """{'a': {'b': 1}} -> {'a/b': 1}, keeping only numbers."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}/'))
-    elif isinstance(value, (int, float)):
-      flat[f'{prefix}{key}'] = float(value)
-  return flat
+def _flatten(tree: Dict[str, Any]) -> Dict[str, float]:
+  """{'a': {'b': 1}} -> {'a/b': 1.0}, keeping only numbers."""
+  return {key: float(value) for key, value in traverse_util.flatten_dict(tree, sep='/').items()
+          if isinstance(value, (int, float))}

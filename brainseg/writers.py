@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Dict, Mapping
 
+from flax import traverse_util
 import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
@@ -76,15 +77,10 @@ class MetricLogger:
       self._active = False
 
 
-def _flatten_hparams(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def _flatten_hparams(tree: Dict[str, Any]) -> Dict[str, Any]:
   """Nested config dict -> {'data.root': ...}, lists as strings (TensorBoard's HParams)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten_hparams(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value if isinstance(value, (bool, int, float, str)) else str(value)
-  return flat
+  return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for key, value in traverse_util.flatten_dict(tree, sep='.').items()}
 
 
 def read_jsonl(path: str):
