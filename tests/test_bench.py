@@ -1,0 +1,21 @@
+"""The benchmark command runs and reports what it promises, on a tiny case."""
+import json
+
+from brainseg import bench
+
+
+def test_bench_runs_on_a_tiny_case(tmp_path, monkeypatch, tiny_root):
+  monkeypatch.setitem(bench.CASES, 'tiny', bench.Case('tiny', 32, 'mri', 4, 'configs.tiny'))
+  out = tmp_path / 'bench.json'
+  bench.main(['--cases', 'tiny', '--steps', '2', '--data-root', tiny_root, '--patients', '2',
+              '--json', str(out)])
+  result = json.load(open(out))
+  assert result['matmul_peak_gflops'] > 0
+  modes = {r['mode']: r for r in result['records']}
+  assert set(modes) == {'train', 'eval', 'loader', 'end_to_end'}
+  for record in result['records']:
+    assert {'case', 'mode', 'impl', 'images_per_sec'} <= set(record)
+    assert record['images_per_sec'] > 0 and record['impl'] == 'brainseg'
+  for mode in ('train', 'eval'):
+    assert modes[mode]['gflops_per_sec'] > 0 and 0 < modes[mode]['peak_fraction']
+  assert 'end_to_end' in bench.format_table(result['records'])
