@@ -351,6 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schedule = make_lr_schedule(config, num_steps)
 
   shown_rows = visualize.display_rows(val_arrays)  # The same val slices at every eval.
+  jit_attention = visualize.forward_with_attention(state.apply_fn)
 
   # ----- Loop -----
   train_metrics, unchecked = None, []  # unchecked: (step, finite flag) since the last sync.
@@ -385,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info('step %d  val per-slice Dice %.4f  per-patient Dice %.4f', step,
                      val['per_slice']['dice'], val['per_patient']['dice_mean'])
         writer.write_images(step, {f'val/{k}': v for k, v in visualize.tensorboard_images(
-            model_variables(state), state.apply_fn, val_arrays.images[shown_rows],
+            jit_attention, model_variables(state), val_arrays.images[shown_rows],
             val_arrays.masks[shown_rows]).items()})
         if best.update(step, model_variables(state), val['per_slice']['dice'], config):
           logging.info('New best val per-slice Dice %.4f at step %d', best.value, step)

@@ -106,19 +106,24 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
   return np.clip((x - low) / max(high - low, 1e-6), 0, 1)
 
 
-def tensorboard_images(variables: Dict[str, Any], apply_fn, images: np.ndarray,
+def forward_with_attention(apply_fn):
+  """A jitted `(variables, images) -> (logits, {'intermediates': attention maps})`."""
+  return jax.jit(lambda v, x: apply_fn(v, x, train=False, mutable=['intermediates']))
+
+
+def tensorboard_images(forward, variables: Dict[str, Any], images: np.ndarray,
                        masks: np.ndarray) -> Dict[str, np.ndarray]:
   """Overlays and attention-gate maps of a few slices, at the model's input size.
 
   Args:
+    forward: from `forward_with_attention`.
     images: (N, S, S, C) model inputs; masks: (N, S, S, 1) resized ground truth.
 
   Returns:
     {'overlays': (N, S, S, 3) float in [0, 1] with the truth outlined in green and
      the prediction in red, 'attention_<level>': (N, S, S, 1) gate maps}.
   """
-  logits, state = jax.jit(lambda v, x: apply_fn(v, x, train=False,
-                                                mutable=['intermediates']))(variables, images)
+  logits, state = forward(variables, images)
   predicted = np.asarray(logits)[..., 0] > 0
   # The FLAIR channel (the middle one) of 3-channel input shows the lesion best.
   base = _to_unit(np.asarray(images)[..., images.shape[-1] // 2])
