@@ -93,8 +93,12 @@ def _record(case: Case, mode: str, impl: str, batch: int, t: Dict[str, float], *
           'sec_min': t['min'], 'sec_max': t['max'], **extra}
 
 
-def bench_steps(case: Case, steps: int, peak: float) -> List[dict]:
-  """Train step (batch = case.batch) and eval step (batch 32) on random data."""
+def bench_steps(case: Case, steps: int, peak: float):
+  """Train step (batch = case.batch) and eval step (batch 32) on random data.
+
+  Returns:
+    (records, (step function, state holder)) for reuse by the end-to-end case.
+  """
   config = _config(case)
   mesh = parallel.create_mesh()
   shape = train.input_shape(config)
@@ -127,11 +131,12 @@ def bench_steps(case: Case, steps: int, peak: float) -> List[dict]:
   records.append(_record(case, 'eval', 'brainseg', 32, t,
                          gflops_per_sec=eval_flops / t['median'] / 1e9,
                          peak_fraction=eval_flops / t['median'] / 1e9 / peak))
-  return records
+  return records, (step, holder)
 
 
-def bench_pipeline(case: Case, data_root: str, steps: int, patients: int) -> List[dict]:
-  """The grain loader alone, and loader + train step, on real TIFFs."""
+def bench_pipeline(case: Case, data_root: str, steps: int, patients: int,
+                   step, holder) -> List[dict]:
+  """The grain loader alone, and loader + the (compiled) train step, on real TIFFs."""
   config = _config(case)
   scanned = data.scan(data_root)
   chosen = [scanned[p] for p in sorted(scanned)[:patients]]
@@ -144,10 +149,6 @@ def bench_pipeline(case: Case, data_root: str, steps: int, patients: int) -> Lis
   records = [_record(case, 'loader', 'brainseg', case.batch, t, cache_seconds=cache_seconds,
                      cached_slices=len(arrays), augment=bool(config.augment.enabled))]
   mesh = parallel.create_mesh()
-  state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0), 100),
-                         parallel.replicated(mesh))
-  step = train.compile_train_step(config, mesh)
-  holder = {'state': state}
 
   def run_end_to_end():
     holder['state'], metrics, _ = step(holder['state'],
@@ -197,9 +198,10 @@ def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[s
   records = []
   for name in cases:
     case = CASES[name]
-    records += bench_steps(case, steps, peak)
+    step_records, (step, holder) = bench_steps(case, steps, peak)
+    records += step_records
     if data_root and os.path.isdir(data_root):
-      records += bench_pipeline(case, data_root, steps, patients)
+      records += bench_pipeline(case, data_root, steps, patients, step, holder)
     if compare_torch:
       records += [r for r in (bench_torch(case, m, steps) for m in ('train', 'eval')) if r]
   return {'device': str(jax.devices()[0].device_kind), 'backend': jax.default_backend(),

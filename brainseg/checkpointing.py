@@ -155,6 +155,17 @@ def _steps(directory: str):
   return ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
 
 
+def with_current_defaults(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """A saved config, with fields added to configs/default.py since then at their defaults."""
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top
+  except ImportError:  # brainseg used outside its repository: take the config as saved.
+    return ml_collections.ConfigDict(saved)
+  merged = traverse_util.flatten_dict(default.get_config().to_dict())
+  merged.update(traverse_util.flatten_dict(saved))
+  return ml_collections.ConfigDict(traverse_util.unflatten_dict(merged))
+
+
 def load_model(path: str, step: Optional[int] = None):
   """Loads a model for inference: (variables, config, step).
 
@@ -175,14 +186,14 @@ def load_model(path: str, step: Optional[int] = None):
     model = _restore_on_one_device(manager, step, 'model')
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     manager.close()
-    return model, ml_collections.ConfigDict(meta['config']), step
+    return model, with_current_defaults(meta['config']), step
   if step is not None and step in _steps(train_dir(path)):
     manager = ocp.CheckpointManager(train_dir(path), options=ocp.CheckpointManagerOptions(
         read_only=True), item_handlers={'state': ocp.StandardCheckpointHandler()})
     state = _restore_on_one_device(manager, step, 'state')
     manager.close()
     with open(os.path.join(path, CONFIG_FILE)) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      config = with_current_defaults(json.load(f))
     return {'params': state['params'], 'batch_stats': state['batch_stats']}, config, step
   wanted = 'a best-on-val checkpoint' if step is None else f'a checkpoint of step {step}'
   raise FileNotFoundError(

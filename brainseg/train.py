@@ -78,7 +78,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
     return optax.adam(schedule)
   if config.optimizer == 'adamw':
     return optax.adamw(schedule, weight_decay=config.weight_decay)
-  raise ValueError(f"config optimizer must be 'adam' or 'adamw', got {config.optimizer!r}")
+  if config.optimizer == 'sgd':
+    return optax.sgd(schedule, momentum=0.9)
+  raise ValueError(f"config optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
@@ -115,7 +117,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array,
     return losses.segmentation_loss(loss_name, logits, batch['mask']), updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   if skip_nonfinite:
@@ -212,7 +214,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                ('data.normalization', config.data.normalization,
                                 input_pipeline.NORMALIZATIONS),
                                ('loss', config.loss, losses.LOSSES),
-                               ('optimizer', config.optimizer, ('adam', 'adamw')),
+                               ('optimizer', config.optimizer, ('adam', 'adamw', 'sgd')),
                                ('schedule', config.schedule, ('constant', 'cosine'))):
     if value not in allowed:
       raise ValueError(f'config {name} must be one of {sorted(allowed)}, got {value!r}')

@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # Compute dtype; params and BN statistics stay float32.
 
   config.loss = 'bce'  # 'bce' or 'bce_dice'.
-  config.optimizer = 'adam'  # 'adam' or 'adamw'.
+  config.optimizer = 'adam'  # 'adam', 'adamw' or 'sgd' (momentum 0.9).
   config.learning_rate = 1e-4
   config.weight_decay = 0.0  # adamw only.
   config.schedule = 'constant'  # 'constant' or 'cosine' (with linear warm-up).

@@ -30,16 +30,18 @@ def test_output_is_one_logit_per_pixel(features, channels):
   model = models.AttentionUNet(features=features)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, channels))
   variables = _init(model, x.shape)
-  logits = model.apply(variables, x, train=False)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert logits.shape == (2, 16, 16, 1) and logits.dtype == jnp.float32
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
   assert jax.tree.structure(state['batch_stats']) == jax.tree.structure(variables['batch_stats'])
 
 
 def test_attention_maps_are_sown():
   model = models.AttentionUNet(features=(4, 8, 16))
   x = jnp.ones((1, 16, 16, 1))
-  _, inter = model.apply(_init(model, x.shape), x, mutable=['intermediates'])
+  _, inter = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(
+      _init(model, x.shape), x)
   maps = inter['intermediates']
   assert maps['attention_0'][0].shape == (1, 16, 16, 1)
   assert maps['attention_1'][0].shape == (1, 8, 8, 1)
@@ -70,7 +72,8 @@ def test_bfloat16_compute_keeps_float32_params():
   model = models.AttentionUNet(features=(4, 8), dtype=jnp.bfloat16)
   variables = _init(model, (1, 8, 8, 1))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  assert model.apply(variables, jnp.ones((1, 8, 8, 1))).dtype == jnp.float32
+  out = jax.jit(model.apply)(variables, jnp.ones((1, 8, 8, 1)))
+  assert out.dtype == jnp.float32
 
 
 def test_importing_brainseg_does_not_import_tensorflow():

@@ -53,7 +53,8 @@ def _free_port():
 
 
 def test_two_processes_train_like_one(root, tmp_path):
-  overrides = ['--config.num_train_steps=3', '--config.eval_every_steps=3']
+  overrides = ['--config.num_train_steps=3', '--config.eval_every_steps=3',
+               '--config.optimizer=sgd', '--config.learning_rate=0.05']  # See parallel_worker.
   workdir = tmp_path / 'two'
   port = _free_port()
   processes = [

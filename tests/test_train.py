@@ -18,6 +18,7 @@ def test_eval_counts_match_direct_prediction_with_padding(tiny_root):
   mesh = parallel.create_mesh()
   jit_eval = train.compile_eval_step(train.create_model(config), mesh)
   counts = train.evaluate_counts(jit_eval, variables, arrays, 5, mesh)  # 36 = 7 * 5 + 1
+  assert jit_eval._cache_size() == 1  # pylint: disable=protected-access  (padded last batch)
   probs = train.predict_probs(variables, arrays.images, (32, 32), state.apply_fn)
   expected = metrics.slice_counts(probs, arrays.native_masks)
   for name, want in zip(('intersection', 'predicted', 'true'), expected):
