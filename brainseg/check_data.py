@@ -53,9 +53,12 @@ def check_root(root: str, split_file: Optional[str] = None, threads: int = 4) ->
       sizes['x'.join(map(str, info.shape))] += 1
       dtypes[info.dtype] += 1
       encodings[info.compression] += 1
+  split_sizes = {}
   if split_file:
     try:
-      data.load_split_file(split_file, list(patients))
+      split = data.load_split_file(split_file, list(patients))
+      split_sizes = {part: (len(ids), sum(len(patients[p].slices) for p in ids))
+                     for part, ids in split.items()}
     except data.DataError as e:
       problems.append(str(e))
   return {
@@ -67,6 +70,7 @@ def check_root(root: str, split_file: Optional[str] = None, threads: int = 4) ->
       'image_shapes': dict(sizes),
       'image_dtypes': dict(dtypes),
       'image_encodings': dict(encodings),
+      'split': split_sizes,
       'problems': sorted(set(problems)),
       'warnings': warnings,
   }
@@ -78,6 +82,9 @@ def format_report(report: Dict) -> List[str]:
   for key in ('institutions', 'image_shapes', 'image_dtypes', 'image_encodings'):
     lines.append(f"  {key.replace('_', ' ')}: "
                  + ', '.join(f'{k} {v}' for k, v in sorted(report[key].items())))
+  if report['split']:
+    lines.append('  split: ' + ', '.join(f'{part} {n} patients / {s} slices'
+                                         for part, (n, s) in report['split'].items()))
   for warning in report['warnings']:
     lines.append(f'WARNING {warning}')
   for problem in report['problems']:

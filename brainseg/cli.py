@@ -32,6 +32,16 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not noisy
 
 
+def run_main(main_fn, argv) -> None:
+  """Runs a command's body; bad data or settings end it with one clear line, exit 1."""
+  from brainseg import data  # pylint: disable=g-import-not-at-top
+  try:
+    main_fn(argv)
+  except (data.DataError, FileNotFoundError, ValueError) as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    raise SystemExit(f'error: {e}') from None
+
+
 def setup() -> None:
   """Call first thing in a command's main()."""
   set_default_xla_flags()

@@ -116,4 +116,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

@@ -85,4 +85,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('output', None, 'The zip file to write.')
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower for.')
   flags.mark_flags_as_required(['checkpoint', 'output'])
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

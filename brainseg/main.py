@@ -32,4 +32,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

@@ -222,4 +222,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('batch_size', 16, 'Slices per model call.')
   flags.DEFINE_float('threshold', 0.5, 'Probability above which a pixel is tumour.')
   flags.mark_flags_as_required(['checkpoint', 'input', 'output'])
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

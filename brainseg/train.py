@@ -340,6 +340,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
   if start_step:
     logging.info('Resumed from step %d (best val Dice so far %.4f)', start_step, best.value)
+  if start_step >= num_steps:
+    logging.info('The run in %s is already complete (%d steps); nothing to train.', workdir,
+                 num_steps)
 
   jit_train = compile_train_step(config, mesh)
   jit_eval = compile_eval_step(create_model(config), mesh)
