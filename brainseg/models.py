@@ -6,8 +6,9 @@ per level, 2x2 max-pool, 2x2 stride-2 transposed conv, additive attention gates
 with an inner width of F/2, and a 1x1 head that returns logits.
 
 Two ops are written by hand rather than with `nn.max_pool` and
-`nn.ConvTranspose`: their gradients are 15-16x slower on XLA's CPU backend
-than the same maths written as a reshape (see results/PERFORMANCE.md).
+`nn.ConvTranspose`: in a prototype measured before brainseg existed, their
+gradients ran 15-16x slower on XLA's CPU backend than the same maths written
+as a reshape (and an einsum); tests check both match the library ops.
 """
 from typing import Any, Sequence
 
