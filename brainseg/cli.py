@@ -5,6 +5,7 @@ import os
 
 from absl import logging
 
+from brainseg import data
 from brainseg import distributed
 
 # XNNPACK kernels for convolutions on XLA's CPU backend: training steps of the
@@ -36,7 +37,6 @@ class _QuietLibraries(std_logging.Filter):
 
 def run_main(main_fn, argv) -> None:
   """Runs a command's body; bad data or settings end it with one clear line, exit 1."""
-  from brainseg import data  # pylint: disable=g-import-not-at-top
   try:
     main_fn(argv)
   except (data.DataError, FileNotFoundError, ValueError) as e:

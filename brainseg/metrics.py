@@ -17,7 +17,6 @@ Semantics (predictions are sigmoid > 0.5):
 import csv
 from typing import Dict
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -6,11 +6,10 @@ checkpoints (resuming from the latest checkpoint in `workdir`) and returns the
 final state. `main.py` is only its command line.
 """
 import functools
-import json
 import os
 import signal
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from absl import logging
 from clu import metrics as clu_metrics

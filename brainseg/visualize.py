@@ -13,6 +13,7 @@ matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
+import scipy.ndimage
 
 from brainseg import data as data_lib
 from brainseg import writers
@@ -20,7 +21,6 @@ from brainseg import writers
 
 def tumour_outline(mask: np.ndarray) -> np.ndarray:
   """The boundary pixels of a boolean mask."""
-  import scipy.ndimage  # pylint: disable=g-import-not-at-top
   return mask & ~scipy.ndimage.binary_erosion(mask)
 
 
