@@ -46,9 +46,13 @@ class Patient:
 
   @property
   def institution(self) -> str:
-    """The second field of a TCGA id (`TCGA_CS_4941_...` -> `CS`)."""
-    parts = self.patient_id.split('_')
-    return parts[1] if len(parts) > 2 else 'unknown'
+    return institution(self.patient_id)
+
+
+def institution(patient_id: str) -> str:
+  """The second field of a TCGA id (`TCGA_CS_4941_...` -> `CS`)."""
+  parts = patient_id.split('_')
+  return parts[1] if len(parts) > 2 else 'unknown'
 
 
 def _patient_folders(root: str) -> Dict[str, str]:

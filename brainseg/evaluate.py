@@ -1,16 +1,22 @@
-r"""Evaluates a checkpoint on one split and writes metrics.json and per_patient.csv.
+r"""Evaluates a checkpoint (or an ensemble) on one split: metrics.json, per_patient.csv.
 
   python -m brainseg.evaluate --workdir DIR --split test --output OUT
   python -m brainseg.evaluate --workdir results/reference --split test --output /tmp/eval
+  python -m brainseg.evaluate --workdir cv/fold_0,cv/fold_1 --split val --output OUT
 
 DIR is a training workdir (its best-on-val checkpoint is used) or a `best/`
-folder; --step names another saved step. The data root and split come from the
-checkpoint's config unless --data_root / --split_file say otherwise. Metric
-semantics are in brainseg/metrics.py and the README.
+folder; --step names another saved step. Several comma-separated DIRs are an
+ensemble: their probabilities are averaged. The data root and split come from
+the (first) checkpoint's config unless --data_root / --split_file say otherwise.
+
+--postprocess=val (the default) tries test-time flips and the 3-D largest
+component on the val split, keeps each only if val's per-patient Dice rises,
+and records the choice and the table in metrics.json. Metric semantics are in
+brainseg/metrics.py and the README.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -23,22 +29,16 @@ from brainseg import checkpointing
 from brainseg import cli
 from brainseg import metrics as metrics_lib
 from brainseg import parallel
+from brainseg import postprocess as postprocess_lib
 from brainseg import train
 from brainseg import visualize
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A training workdir, or a best-checkpoint folder.')
-flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default: the best on val.')
-flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Which part of the split.')
-flags.DEFINE_string('output', None, 'Folder for metrics.json and per_patient.csv.')
-flags.DEFINE_string('data_root', None, "Override the checkpoint config's data.root.")
-flags.DEFINE_string('split_file', None, "Override the checkpoint config's data.split_file.")
-flags.DEFINE_integer('overlays', 0, 'Also save this many overlay PNGs (image | truth | '
-                     'prediction) of tumour slices, spread over the split.')
-config_flags.DEFINE_config_file(
-    'config', None, 'Evaluate under this config instead of the one saved with the '
-    'checkpoint (it must describe the same model).', lock_config=False)
-flags.mark_flags_as_required(['workdir', 'output'])
+
+FORCED = {'none': {'tta_flips': False, 'largest_component': False},
+          'tta': {'tta_flips': True, 'largest_component': False},
+          'lcc': {'tta_flips': False, 'largest_component': True},
+          'tta+lcc': {'tta_flips': True, 'largest_component': True}}
 
 
 def check_variables_match(variables: Dict[str, Any], config: ml_collections.ConfigDict,
@@ -57,46 +57,85 @@ def check_variables_match(variables: Dict[str, Any], config: ml_collections.Conf
                      f'first differences (name, shape): {diff}')
 
 
-def evaluate(workdir: str, split: str, output: str, step: Optional[int] = None,
+def _load_models(workdirs: Sequence[str], step: Optional[int],
+                 config: Optional[ml_collections.ConfigDict]):
+  """[(variables, step)] of every workdir, and the config they are evaluated under."""
+  loaded = [checkpointing.load_model(w, step) for w in workdirs]
+  config = ml_collections.ConfigDict(config or loaded[0][1])
+  first = loaded[0][1]
+  for workdir, (variables, saved, saved_step) in zip(workdirs, loaded):
+    check_variables_match(variables, config, f'{workdir} step {saved_step}')
+    for field in ('image_size', 'channels', 'normalization'):
+      if saved['data'][field] != first['data'][field]:
+        raise ValueError(f'ensemble members disagree: {workdir} has data.{field}='
+                         f'{saved["data"][field]!r}, {workdirs[0]} has {first["data"][field]!r}')
+  return [(variables, s) for variables, _, s in loaded], config
+
+
+def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
              data_root: Optional[str] = None, split_file: Optional[str] = None,
-             num_overlays: int = 0,
-             config: Optional[ml_collections.ConfigDict] = None) -> Dict[str, Any]:
-  """Runs a checkpoint over a split; writes and returns the metrics.
+             num_overlays: int = 0, config: Optional[ml_collections.ConfigDict] = None,
+             postprocess: str = 'val') -> Dict[str, Any]:
+  """Runs one checkpoint, or the mean of several, over a split; writes and returns metrics.
 
   Args:
+    workdirs: one path or a list (an ensemble).
     config: evaluate under this config rather than the checkpoint's own.
+    postprocess: 'val' (choose on the val split) or a key of FORCED.
   """
-  variables, saved_config, step = checkpointing.load_model(workdir, step)
-  config = ml_collections.ConfigDict(config or saved_config)
+  workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  members, config = _load_models(workdirs, step, config)
   with config.unlocked():
     if data_root is not None:
       config.data.root = data_root
     if split_file is not None:
       config.data.split_file = split_file
-  check_variables_match(variables, config, f'{workdir} step {step}')
-  _, arrays = train.load_splits(config, parts=(split,))
-  arrays = arrays[split]
+  parts = tuple(dict.fromkeys([split] + (['val'] if postprocess == 'val' else [])))
+  _, arrays = train.load_splits(config, parts=parts)
   mesh = parallel.create_mesh()
-  host_variables = variables
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-  jit_eval = train.compile_eval_step(train.create_model(config), mesh)
+  model = train.create_model(config)
+  on_device = [jax.device_put(v, parallel.replicated(mesh)) for v, _ in members]
   # Any batch size works: rounded up to fill every device, padding is dropped.
   eval_batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
-  counts = train.evaluate_counts(jit_eval, variables, arrays, eval_batch, mesh)
-  results = metrics_lib.summarize(arrays.patient_ids, **counts)
-  results.update(split=split, checkpoint_step=int(step),
-                 checkpoint=os.path.abspath(workdir), data_root=config.data.root,
+  cache = {}
+
+  def probs(part: str, tta_flips: bool) -> np.ndarray:
+    if (part, tta_flips) not in cache:
+      cache[part, tta_flips] = np.mean([train.split_probs(model, v, arrays[part], eval_batch,
+                                                          mesh, tta_flips) for v in on_device],
+                                       axis=0)
+    return cache[part, tta_flips]
+
+  table: List[dict] = []
+  if postprocess == 'val':
+    val = arrays['val']
+    choice, table = postprocess_lib.choose_on_val(
+        lambda tta: probs('val', tta), val.native_masks, val.patient_ids, val.slice_numbers)
+  else:
+    choice = FORCED[postprocess]
+  target = arrays[split]
+  masks = postprocess_lib.to_masks(probs(split, choice['tta_flips']), target.patient_ids,
+                                   target.slice_numbers, choice['largest_component'])
+  counts = postprocess_lib.mask_counts(masks, target.native_masks)
+  hd95 = metrics_lib.slice_hd95(masks, target.native_masks)
+  results = metrics_lib.summarize(target.patient_ids, **counts, hd95_per_slice=hd95)
+  results.update(split=split, checkpoint_step=int(members[0][1]),
+                 checkpoints=[{'path': os.path.abspath(w), 'step': int(s)}
+                              for w, (_, s) in zip(workdirs, members)],
+                 postprocess=choice, postprocess_chosen_on='val' if table else 'flag',
+                 postprocess_val_table=table, data_root=config.data.root,
                  image_size=config.data.image_size, channels=config.data.channels)
   if jax.process_index() == 0:
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, 'metrics.json'), 'w') as f:
       json.dump(results, f, indent=2)
     per_patient_csv = os.path.join(output, 'per_patient.csv')
-    metrics_lib.write_per_patient_csv(per_patient_csv, arrays.patient_ids, **counts)
+    metrics_lib.write_per_patient_csv(per_patient_csv, target.patient_ids, **counts,
+                                      hd95_per_slice=hd95)
     visualize.plot_per_patient_dice(per_patient_csv, os.path.join(output, 'per_patient_dice.png'))
     if num_overlays:
-      patients = metrics_lib.per_patient_scores(arrays.patient_ids, **counts)
-      visualize.save_overlays(output, host_variables, config, arrays, num_overlays,
+      patients = metrics_lib.per_patient_scores(target.patient_ids, **counts)
+      visualize.save_overlays(output, target, masks, num_overlays,
                               dict(zip(patients['patient'], patients['dice'])))
   return results
 
@@ -106,14 +145,38 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.setup()
   results = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.output, FLAGS.step, FLAGS.data_root,
-                     FLAGS.split_file, FLAGS.overlays, FLAGS.config)
+                     FLAGS.split_file, FLAGS.overlays, FLAGS.config, FLAGS.postprocess)
   s, p = results['per_slice'], results['per_patient']
   print(f"{FLAGS.split} ({results['num_patients']} patients, {results['num_slices']} slices), "
-        f"step {results['checkpoint_step']}: per-slice Dice {s['dice']:.4f} precision "
-        f"{s['precision']:.4f} recall {s['recall']:.4f}; per-patient Dice mean "
-        f"{p['dice_mean']:.4f} median {p['dice_median']:.4f}; global Dice "
-        f"{results['global']['dice']:.4f}. Wrote {FLAGS.output}/metrics.json")
+        f"step {results['checkpoint_step']}, post-processing {results['postprocess']} "
+        f"(chosen by {results['postprocess_chosen_on']}): per-slice Dice {s['dice']:.4f} "
+        f"precision {s['precision']:.4f} recall {s['recall']:.4f}; per-patient Dice mean "
+        f"{p['dice_mean']:.4f} (95% CI {p['dice_ci95'][0]:.3f}-{p['dice_ci95'][1]:.3f}) "
+        f"median {p['dice_median']:.4f}; HD95 {results['hd95']['per_slice_mean']:.2f} px; "
+        f"global Dice {results['global']['dice']:.4f}. Wrote {FLAGS.output}/metrics.json")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a command, so that other
+  modules can import this one)."""
+  flags.DEFINE_list('workdir', None, 'A training workdir or best-checkpoint folder; several '
+                    '(comma-separated) are averaged as an ensemble.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate; default: the best on val.')
+  flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Which part of the split.')
+  flags.DEFINE_string('output', None, 'Folder for metrics.json and per_patient.csv.')
+  flags.DEFINE_string('data_root', None, "Override the checkpoint config's data.root.")
+  flags.DEFINE_string('split_file', None, "Override the checkpoint config's data.split_file.")
+  flags.DEFINE_enum('postprocess', 'val', ['val', 'none', 'tta', 'lcc', 'tta+lcc'],
+                    'val: choose test-time flips / 3-D largest component on the val split; '
+                    'or force a setting.')
+  flags.DEFINE_integer('overlays', 0, 'Also save this many overlay PNGs (image | truth | '
+                       'prediction) of tumour slices, spread over the split.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'Evaluate under this config instead of the one saved with the '
+      'checkpoint (it must describe the same model).', lock_config=False)
+  flags.mark_flags_as_required(['workdir', 'output'])
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(lambda argv: cli.run_main(main, argv))

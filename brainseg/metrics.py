@@ -13,12 +13,25 @@ Semantics (predictions are sigmoid > 0.5):
 - per patient: Dice of each patient's stacked volume (the sums of its slices'
   counts), then the mean and median over patients.
 - global: Dice over all pixels of the split.
+IoU follows the same rules as Dice.
+- HD95 (pixels at the masks' 256x256 size): per slice, the 95th percentile of
+  the distances from each contour pixel of the prediction to the truth's
+  contour and back (pooled, as MedPy's hd95). Only slices where both masks are
+  non-empty have one; a slice with exactly one empty mask is a missed tumour
+  or a false-positive slice (see detection), never a distance. Per patient:
+  the mean over its scored slices; the split: the mean over scored slices and
+  over patients with at least one.
+- detection: a tumour slice (or patient) is found when the prediction overlaps
+  its mask; a false-positive slice predicts tumour on an empty mask.
+- dice_ci95: a 95% percentile bootstrap interval of the per-patient mean Dice,
+  patients resampled with replacement (2000 draws, seed 0).
 """
 import csv
-from typing import Dict
+from typing import Dict, Optional
 
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 
 
 def slice_counts(probs: jnp.ndarray, masks: jnp.ndarray, threshold: float = 0.5):
@@ -44,11 +57,12 @@ def _ratio(num: np.ndarray, den: np.ndarray, both_empty: np.ndarray) -> np.ndarr
 
 
 def dice_precision_recall(intersection, predicted, true) -> Dict[str, np.ndarray]:
-  """Elementwise Dice, precision and recall from counts (semantics: module doc)."""
+  """Elementwise Dice, IoU, precision and recall from counts (semantics: module doc)."""
   intersection, predicted, true = map(np.asarray, (intersection, predicted, true))
   both_empty = (predicted == 0) & (true == 0)
   return {
       'dice': _ratio(2 * intersection, predicted + true, both_empty),
+      'iou': _ratio(intersection, predicted + true - intersection, both_empty),
       'precision': _ratio(intersection, predicted, both_empty),
       'recall': _ratio(intersection, true, both_empty),
   }
@@ -77,42 +91,123 @@ def per_patient_scores(patient_ids, intersection, predicted, true) -> Dict[str, 
   return patients
 
 
-def summarize(patient_ids, intersection, predicted, true) -> Dict[str, dict]:
-  """All split-level metrics from per-slice counts.
+def _contour(mask: np.ndarray) -> np.ndarray:
+  """The mask's pixels that touch the background (8-connectivity)."""
+  return mask & ~scipy.ndimage.binary_erosion(mask, np.ones((3, 3), bool), border_value=0)
+
+
+def hd95(pred: np.ndarray, true: np.ndarray) -> float:
+  """HD95 in pixels between two 2-D boolean masks; NaN unless both are non-empty."""
+  if not pred.any() or not true.any():
+    return float('nan')
+  pred_contour, true_contour = _contour(pred), _contour(true)
+  # Distance of every pixel to the nearest contour pixel of the other mask.
+  to_true = scipy.ndimage.distance_transform_edt(~true_contour)
+  to_pred = scipy.ndimage.distance_transform_edt(~pred_contour)
+  distances = np.concatenate([to_true[pred_contour], to_pred[true_contour]])
+  return float(np.percentile(distances, 95))
+
+
+def slice_hd95(pred_masks: np.ndarray, true_masks: np.ndarray) -> np.ndarray:
+  """(N,) HD95 of each slice of two (N, H, W) boolean stacks (NaN where undefined)."""
+  return np.array([hd95(p, t) for p, t in zip(pred_masks, true_masks)], np.float64)
+
+
+def bootstrap_ci(values, num_draws: int = 2000, seed: int = 0):
+  """95% percentile bootstrap interval of the mean of `values`."""
+  values = np.asarray(values, np.float64)
+  draws = np.random.default_rng(seed).integers(0, len(values), (num_draws, len(values)))
+  means = values[draws].mean(axis=1)
+  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def detection(patient_ids, intersection, predicted, true) -> Dict[str, float]:
+  """Tumour slices and patients found, and false-positive slices (module doc)."""
+  intersection, predicted, true = map(np.asarray, (intersection, predicted, true))
+  tumour, empty = true > 0, true == 0
+  patients = per_patient_counts(patient_ids, intersection, predicted, true)
+  tumour_patients = patients['true'] > 0
+  found_patients = tumour_patients & (patients['intersection'] > 0)
+  share = lambda part, whole: float(part.sum() / whole.sum()) if whole.any() else float('nan')
+  return {
+      'tumour_slices': int(tumour.sum()),
+      'tumour_slices_found': int((tumour & (intersection > 0)).sum()),
+      'tumour_slice_found_rate': share(tumour & (intersection > 0), tumour),
+      'tumour_patients': int(tumour_patients.sum()),
+      'tumour_patients_found': int(found_patients.sum()),
+      'tumour_patient_found_rate': share(found_patients, tumour_patients),
+      'false_positive_slices': int((empty & (predicted > 0)).sum()),
+      'false_positive_slice_rate': share(empty & (predicted > 0), empty),
+  }
+
+
+def _patient_hd95(patient_ids, hd95_per_slice) -> Dict[str, float]:
+  """Each patient's mean HD95 over its scored slices (patients with none are left out)."""
+  ids, hd = np.asarray(patient_ids), np.asarray(hd95_per_slice)
+  return {pid: float(np.nanmean(hd[ids == pid])) for pid in np.unique(ids)
+          if np.isfinite(hd[ids == pid]).any()}
+
+
+def summarize(patient_ids, intersection, predicted, true,
+              hd95_per_slice: Optional[np.ndarray] = None) -> Dict[str, dict]:
+  """All split-level metrics from per-slice counts (and per-slice HD95 when given).
 
   Returns:
-    {'per_slice': {...}, 'per_patient': {...}, 'global': {...}, 'num_slices',
+    {'per_slice', 'per_patient', 'global', 'detection', ['hd95'], 'num_slices',
      'num_patients'}: plain floats and ints, ready for JSON.
   """
   per_slice = dice_precision_recall(intersection, predicted, true)
   per_patient = per_patient_scores(patient_ids, intersection, predicted, true)
   total = dice_precision_recall(np.sum(intersection), np.sum(predicted), np.sum(true))
-  return {
+  low, high = bootstrap_ci(per_patient['dice'])
+  out = {
       'per_slice': {k: float(np.mean(v)) for k, v in per_slice.items()},
       'per_patient': {
           'dice_mean': float(np.mean(per_patient['dice'])),
+          'dice_ci95': [low, high],
           'dice_median': float(np.median(per_patient['dice'])),
           'dice_min': float(np.min(per_patient['dice'])),
+          'iou_mean': float(np.mean(per_patient['iou'])),
           'precision_mean': float(np.mean(per_patient['precision'])),
           'recall_mean': float(np.mean(per_patient['recall'])),
       },
       'global': {k: float(v) for k, v in total.items()},
+      'detection': detection(patient_ids, intersection, predicted, true),
       'num_slices': int(len(np.asarray(true))),
       'num_patients': int(len(per_patient['patient'])),
   }
+  if hd95_per_slice is not None:
+    scored = np.asarray(hd95_per_slice)[np.isfinite(hd95_per_slice)]
+    patients = list(_patient_hd95(patient_ids, hd95_per_slice).values())
+    nan_mean = lambda x: float(np.mean(x)) if len(x) else float('nan')
+    out['hd95'] = {'per_slice_mean': nan_mean(scored),
+                   'per_slice_median': float(np.median(scored)) if len(scored) else float('nan'),
+                   'per_patient_mean': nan_mean(patients),
+                   'scored_slices': int(len(scored)), 'scored_patients': len(patients)}
+  return out
 
 
-def write_per_patient_csv(path: str, patient_ids, intersection, predicted, true) -> None:
-  """One row per patient: slice counts, pixel totals and volume Dice/precision/recall."""
+def write_per_patient_csv(path: str, patient_ids, intersection, predicted, true,
+                          hd95_per_slice: Optional[np.ndarray] = None) -> None:
+  """One row per patient: counts, pixel totals, volume scores, detection and HD95."""
   patients = per_patient_scores(patient_ids, intersection, predicted, true)
   slice_dice = dice_precision_recall(intersection, predicted, true)['dice']
-  ids = np.asarray(patient_ids)
+  patient_hd95 = (_patient_hd95(patient_ids, hd95_per_slice)
+                  if hd95_per_slice is not None else {})
+  ids, true, predicted = np.asarray(patient_ids), np.asarray(true), np.asarray(predicted)
+  found = (true > 0) & (np.asarray(intersection) > 0)
+  false_positive = (true == 0) & (predicted > 0)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['patient', 'num_slices', 'tumour_slices', 'true_pixels',
-                     'predicted_pixels', 'dice', 'precision', 'recall', 'mean_slice_dice'])
+    writer.writerow(['patient', 'num_slices', 'tumour_slices', 'tumour_slices_found',
+                     'false_positive_slices', 'true_pixels', 'predicted_pixels', 'dice', 'iou',
+                     'precision', 'recall', 'mean_slice_dice', 'hd95_mean'])
     for i, pid in enumerate(patients['patient']):
+      rows = ids == pid
+      hd = patient_hd95.get(pid)
       writer.writerow([pid, patients['num_slices'][i], patients['tumour_slices'][i],
+                       int(found[rows].sum()), int(false_positive[rows].sum()),
                        int(patients['true'][i]), int(patients['predicted'][i]),
-                       f'{patients["dice"][i]:.6f}', f'{patients["precision"][i]:.6f}',
-                       f'{patients["recall"][i]:.6f}', f'{slice_dice[ids == pid].mean():.6f}'])
+                       f'{patients["dice"][i]:.6f}', f'{patients["iou"][i]:.6f}',
+                       f'{patients["precision"][i]:.6f}', f'{patients["recall"][i]:.6f}',
+                       f'{slice_dice[rows].mean():.6f}', '' if hd is None else f'{hd:.3f}'])

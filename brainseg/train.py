@@ -132,14 +132,18 @@ def model_variables(state: TrainState) -> Dict[str, Any]:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def predict_probs(variables, images: jax.Array, native_hw: Tuple[int, int], apply_fn):
+def predict_probs(variables, images: jax.Array, native_hw: Tuple[int, int], apply_fn,
+                  tta_flips: bool = False):
   """Tumour probabilities (N, H, W) at the masks' native size.
 
   The model runs at the images' size; its probabilities (not its logits) are
-  resized back before anyone thresholds them.
+  resized back before anyone thresholds them. `tta_flips` averages them with
+  those of the left-right mirrored images (mirrored back).
   """
-  logits = apply_fn(variables, images, train=False)
-  probs = jax.nn.sigmoid(logits[..., 0])
+  probs = jax.nn.sigmoid(apply_fn(variables, images, train=False)[..., 0])
+  if tta_flips:
+    mirrored = jax.nn.sigmoid(apply_fn(variables, images[:, :, ::-1], train=False)[..., 0])
+    probs = 0.5 * (probs + mirrored[:, :, ::-1])
   if probs.shape[1:] != tuple(native_hw):
     probs = jax.image.resize(probs, (probs.shape[0], *native_hw), 'linear')
   return probs
@@ -167,21 +171,44 @@ def compile_eval_step(model: models.AttentionUNet, mesh: jax.sharding.Mesh):
                  out_shardings=parallel.batch_sharding(mesh))
 
 
-def evaluate_counts(jit_eval, variables, arrays: input_pipeline.SliceArrays,
-                    batch_size: int, mesh: jax.sharding.Mesh) -> Dict[str, np.ndarray]:
-  """Runs every slice of `arrays` once; per-slice counts in the arrays' row order."""
-  counts = np.zeros((3, len(arrays)), np.int64)
+def _over_split(jit_fn, variables, arrays: input_pipeline.SliceArrays, batch_size: int,
+                mesh: jax.sharding.Mesh):
+  """Yields (rows, outputs) of `jit_fn(variables, batch)` over every slice once.
+
+  Padding rows are dropped; `outputs` are host arrays whose first axis matches `rows`.
+  """
   local_batch = batch_size // jax.process_count()
   for batch in input_pipeline.eval_batches(arrays, local_batch, jax.process_index(),
                                            jax.process_count()):
     index = parallel.gather_to_host(parallel.to_global(
         {'index': batch.pop('index')}, mesh))['index']
     batch.pop('valid')
-    out = jit_eval(variables, parallel.to_global(batch, mesh))
-    out = parallel.gather_to_host(out)
-    keep = index >= 0  # Padding rows are dropped from every metric.
-    counts[:, index[keep]] = np.stack(out)[:, keep]
+    out = parallel.gather_to_host(jit_fn(variables, parallel.to_global(batch, mesh)))
+    keep = index >= 0
+    yield index[keep], jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], out)
+
+
+def evaluate_counts(jit_eval, variables, arrays: input_pipeline.SliceArrays,
+                    batch_size: int, mesh: jax.sharding.Mesh) -> Dict[str, np.ndarray]:
+  """Runs every slice of `arrays` once; per-slice counts in the arrays' row order."""
+  counts = np.zeros((3, len(arrays)), np.int64)
+  for rows, out in _over_split(jit_eval, variables, arrays, batch_size, mesh):
+    counts[:, rows] = np.stack(out)
   return {'intersection': counts[0], 'predicted': counts[1], 'true': counts[2]}
+
+
+def split_probs(model: models.AttentionUNet, variables, arrays: input_pipeline.SliceArrays,
+                batch_size: int, mesh: jax.sharding.Mesh, tta_flips: bool = False) -> np.ndarray:
+  """(N, H, W) float32 probabilities at the masks' size, in the arrays' row order."""
+  native_hw = arrays.native_masks.shape[1:]
+  jit_probs = jax.jit(
+      lambda v, batch: predict_probs(v, batch['image'], native_hw, model.apply, tta_flips),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=parallel.batch_sharding(mesh))
+  probs = np.zeros((len(arrays), *native_hw), np.float32)
+  for rows, out in _over_split(jit_probs, variables, arrays, batch_size, mesh):
+    probs[rows] = out
+  return probs
 
 
 # ---------------------------------------------------------------------------
@@ -275,8 +302,9 @@ class _Preemption:
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
     self._requested = True
+    if callable(self._previous):  # A caller's own handler (brainseg.cv's) hears it too.
+      self._previous(signum, frame)
 
   def should_stop(self) -> bool:
     """Whether any process was told to stop; every process gets the same answer.

@@ -11,7 +11,6 @@ import jax
 import matplotlib
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import ml_collections
 import numpy as np
 import scipy.ndimage
 
@@ -45,30 +44,29 @@ def overlay_panel(path: str, image: np.ndarray, truth: np.ndarray, prediction: n
   plt.close(fig)
 
 
-def save_overlays(output: str, variables: Dict[str, Any], config: ml_collections.ConfigDict,
-                  arrays, count: int, patient_dice: Dict[str, float]) -> Sequence[str]:
+def save_overlays(output: str, arrays, pred_masks: np.ndarray, count: int,
+                  patient_dice: Dict[str, float]) -> Sequence[str]:
   """Overlay PNGs: `count` tumour slices spread over the split, and the largest
-  tumour slice of the best, median and worst patient by Dice."""
-  from brainseg import train  # pylint: disable=g-import-not-at-top  (train imports us)
+  tumour slice of the best, median and worst patient by Dice.
+
+  Args:
+    pred_masks: (N, H, W) bool predictions at the masks' size, one per row of `arrays`.
+  """
   rows = list(display_rows(arrays, count))
   ranked = sorted(patient_dice, key=patient_dice.get)
   named = {'worst': ranked[0], 'median': ranked[len(ranked) // 2], 'best': ranked[-1]}
   tumour_area = arrays.native_masks.sum(axis=(1, 2))
   for pid in named.values():
     rows.append(int(np.argmax(np.where(arrays.patient_ids == pid, tumour_area, -1))))
-  model = train.create_model(config)
-  native_hw = arrays.native_masks.shape[1:]
-  predict = jax.jit(lambda v, x: train.predict_probs(v, x, native_hw, model.apply))
-  probs = np.asarray(predict(variables, arrays.images[rows]))
   labels = [''] * count + [f'{k}_' for k in named]
   paths = []
-  for label, row, prob in zip(labels, rows, probs):
+  for label, row in zip(labels, rows):
     pid, number = arrays.patient_ids[row], arrays.slice_numbers[row]
     path = os.path.join(output, f'overlay_{label}{pid}_{number}.png')
     title = f'{pid} slice {number}' + (f' ({label[:-1]} patient, volume Dice '
                                        f'{patient_dice[pid]:.3f})' if label else '')
     overlay_panel(path, data_lib.read_image(arrays.image_paths[row]), arrays.native_masks[row],
-                  prob > 0.5, title=title)
+                  pred_masks[row], title=title)
     paths.append(path)
   return paths
 

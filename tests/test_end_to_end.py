@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from brainseg import evaluate
 from brainseg import writers
 from tests import conftest
 
@@ -120,6 +121,23 @@ def test_evaluate_in_a_fresh_process(trained, tmp_path):
   assert len(overlays) == 4  # One spread slice; best, median and worst patient.
   assert {f.split('_')[1] for f in overlays} >= {'best', 'median', 'worst'}
   assert os.path.exists(out / 'per_patient_dice.png')
+  # Post-processing was chosen on val from the four settings, and recorded.
+  assert m['postprocess_chosen_on'] == 'val' and len(m['postprocess_val_table']) == 4
+  assert set(m['postprocess']) == {'tta_flips', 'largest_component'}
+  assert 0 <= m['per_slice']['iou'] <= m['per_slice']['dice'] or m['per_slice']['iou'] == 1
+  assert m['per_patient']['dice_ci95'][0] <= m['per_patient']['dice_mean']
+  assert {'per_slice_mean', 'scored_slices'} <= set(m['hd95'])
+  assert {'tumour_slice_found_rate', 'false_positive_slices'} <= set(m['detection'])
+  assert {'iou', 'hd95_mean', 'tumour_slices_found'} <= set(rows[0])
+
+
+def test_an_ensemble_of_one_model_twice_scores_as_the_model(trained, tmp_path):
+  _, workdir = trained
+  single = evaluate.evaluate(str(workdir), 'val', str(tmp_path / 'one'), postprocess='tta')
+  twice = evaluate.evaluate([str(workdir)] * 2, 'val', str(tmp_path / 'two'), postprocess='tta')
+  assert twice['per_slice'] == single['per_slice']
+  assert twice['per_patient'] == single['per_patient']
+  assert len(twice['checkpoints']) == 2 and twice['postprocess']['tta_flips']
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(trained, tmp_path):

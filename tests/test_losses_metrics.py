@@ -56,6 +56,7 @@ def test_per_slice_semantics_by_hand():
   np.testing.assert_allclose(s['dice'], [1, 0, 0, 0.6])
   np.testing.assert_allclose(s['precision'], [1, 0, 0, 0.75])
   np.testing.assert_allclose(s['recall'], [1, 0, 0, 0.5])
+  np.testing.assert_allclose(s['iou'], [1, 0, 0, 3 / 7])
 
 
 def test_summary_per_slice_per_patient_and_global():
@@ -71,6 +72,14 @@ def test_summary_per_slice_per_patient_and_global():
   np.testing.assert_allclose(out['global']['dice'], 6 / 22)
   np.testing.assert_allclose(out['global']['recall'], 3 / 13)
   assert out['num_slices'] == 4 and out['num_patients'] == 2
+  # Tumour slices 2 and 3: only 3 overlaps. Patients A and B have tumour; B is found.
+  # Empty slices 0 and 1: slice 1 is a false positive.
+  assert out['detection'] == {
+      'tumour_slices': 2, 'tumour_slices_found': 1, 'tumour_slice_found_rate': 0.5,
+      'tumour_patients': 2, 'tumour_patients_found': 1, 'tumour_patient_found_rate': 0.5,
+      'false_positive_slices': 1, 'false_positive_slice_rate': 0.5}
+  low, high = out['per_patient']['dice_ci95']
+  assert 0 <= low <= 0.3 <= high <= 0.6
 
 
 def test_per_patient_csv(tmp_path):
@@ -81,3 +90,37 @@ def test_per_patient_csv(tmp_path):
   assert [r['patient'] for r in rows] == ['A', 'B']
   assert rows[1]['tumour_slices'] == '1' and float(rows[1]['dice']) == pytest.approx(0.6)
   assert float(rows[1]['mean_slice_dice']) == pytest.approx(0.8)
+  assert rows[1]['tumour_slices_found'] == '1' and rows[0]['false_positive_slices'] == '1'
+  assert float(rows[1]['iou']) == pytest.approx(3 / 7)
+
+
+def test_hd95_by_hand():
+  true = np.zeros((16, 16), bool)
+  pred = np.zeros((16, 16), bool)
+  true[0, 0] = True
+  assert np.isnan(metrics.hd95(pred, true)) and np.isnan(metrics.hd95(true, pred))
+  pred[3, 4] = True  # 3-4-5 triangle: every distance is 5.
+  assert metrics.hd95(pred, true) == pytest.approx(5.0)
+  assert metrics.hd95(true, true) == 0.0
+  # Two 6x6 squares, one shifted 2 pixels: contours are 20 pixels each; the
+  # distances are 0 (shared rows/columns) up to 2, so HD95 is at most 2.
+  a = np.zeros((16, 16), bool)
+  a[4:10, 4:10] = True
+  b = np.roll(a, 2, axis=1)
+  assert 0 < metrics.hd95(a, b) <= 2.0
+
+
+def test_summary_hd95_skips_slices_with_an_empty_mask():
+  hd = np.array([np.nan, 4.0, 2.0, np.nan])
+  out = metrics.summarize(['A', 'A', 'B', 'B'], [0, 1, 1, 0], [0, 1, 1, 3], [0, 1, 1, 0],
+                          hd95_per_slice=hd)
+  assert out['hd95'] == {'per_slice_mean': 3.0, 'per_slice_median': 3.0,
+                         'per_patient_mean': 3.0, 'scored_slices': 2, 'scored_patients': 2}
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+  values = np.random.default_rng(1).random(30)
+  low, high = metrics.bootstrap_ci(values)
+  assert low < values.mean() < high
+  assert metrics.bootstrap_ci(values) == (low, high)
+  assert metrics.bootstrap_ci([0.7] * 5) == pytest.approx((0.7, 0.7))

@@ -1,0 +1,67 @@
+"""Cross-validation folds, and the cv command run as users run it."""
+import collections
+import json
+import subprocess
+import sys
+
+import pytest
+
+from brainseg import cv
+from brainseg import data
+from tests import conftest
+
+
+def _patients(n_per_site):
+  return [f'TCGA_{site}_{i:04d}_20000101' for site, n in n_per_site.items() for i in range(n)]
+
+
+def test_folds_partition_patients_and_spread_every_institution():
+  patients = _patients({'CS': 23, 'DU': 50, 'FG': 17, 'HT': 12, 'EZ': 8})
+  folds = cv.make_folds(patients, 5, seed=0, val_every=8)
+  tests = [p for f in folds for p in f['test']]
+  assert sorted(tests) == sorted(patients)  # Each patient is tested exactly once.
+  for f in folds:
+    assert not set(f['train']) & set(f['val']) and not set(f['train']) & set(f['test'])
+    assert not set(f['val']) & set(f['test'])
+    assert len(f['train']) + len(f['val']) + len(f['test']) == len(patients)
+    assert len(f['test']) in (22, 23)
+  for site, n in {'CS': 23, 'DU': 50, 'FG': 17, 'HT': 12, 'EZ': 8}.items():
+    per_fold = [collections.Counter(data.institution(p) for p in f['test'])[site] for f in folds]
+    assert max(per_fold) - min(per_fold) <= 1, (site, per_fold)
+  assert cv.make_folds(patients, 5, seed=0, val_every=8) == folds
+  assert cv.make_folds(patients, 5, seed=1, val_every=8) != folds
+
+
+def test_too_many_folds_is_refused():
+  with pytest.raises(ValueError, match='--folds must be between 2'):
+    cv.make_folds(_patients({'CS': 3}), 5, seed=0, val_every=8)
+
+
+def _cv(root, workdir, *flags):
+  return subprocess.run(
+      [sys.executable, '-m', 'brainseg.cv', '--config', 'configs/tiny.py', '--workdir',
+       str(workdir), f'--config.data.root={root}', '--folds', '3', '--val_every', '2', *flags],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True, text=True,
+      timeout=600)
+
+
+def test_cv_command_runs_every_fold_resumes_and_summarizes(tiny_root, tmp_path):
+  workdir = tmp_path / 'cv'
+  first = _cv(tiny_root, workdir, '--only', '0')
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert (workdir / 'fold_0' / 'test' / 'metrics.json').exists()
+  assert not (workdir / 'fold_1').exists()
+  summary_copy = tmp_path / 'results' / 'summary.json'
+  rest = _cv(tiny_root, workdir, '--summary', str(summary_copy))
+  assert rest.returncode == 0, rest.stderr[-3000:]
+  assert 'fold 0: done' in rest.stderr  # Not trained again.
+  summary = json.load(open(summary_copy))
+  assert summary == json.load(open(workdir / 'summary.json'))
+  assert [f['fold'] for f in summary['folds']] == [0, 1, 2]
+  assert summary['num_patients'] == 6 and summary['folds_done'] == '3 of 3'
+  means = [f['per_patient_dice_mean'] for f in summary['folds']]
+  assert summary['fold_mean_of_per_patient_dice'] == pytest.approx(sum(means) / 3)
+  split = json.load(open(workdir / 'fold_2' / 'split.json'))
+  assert len(split['test']) == 2 and len(split['val']) == 2
+  changed = _cv(tiny_root, workdir, '--fold_seed', '1')
+  assert changed.returncode != 0 and 'was made with other fold_seed' in changed.stderr
