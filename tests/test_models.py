@@ -84,3 +84,17 @@ def test_importing_brainseg_does_not_import_tensorflow():
   result = subprocess.run([sys.executable, '-c', code], cwd=conftest.REPO, text=True,
                           capture_output=True, env=conftest.subprocess_env(), check=True)
   assert result.stdout.strip() == 'False'
+
+
+def test_concat_conv_is_nn_conv_on_the_concatenation():
+  a = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 3))
+  b = jax.random.normal(jax.random.PRNGKey(6), (2, 8, 8, 5))
+  ours, reference = models.ConcatConv3x3(4), nn.Conv(4, (3, 3), padding=1)
+  variables = ours.init(jax.random.PRNGKey(7), [a, b])
+  reference_variables = reference.init(jax.random.PRNGKey(7), jnp.concatenate([a, b], -1))
+  # Same parameter names, shapes and initial values: checkpoints carry over.
+  jax.tree.map(np.testing.assert_array_equal, variables, reference_variables)
+  variables['params']['bias'] = jnp.arange(4.0)
+  np.testing.assert_allclose(ours.apply(variables, [a, b]),
+                             reference.apply(variables, jnp.concatenate([a, b], -1)),
+                             rtol=1e-5, atol=1e-5)
