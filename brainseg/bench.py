@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Case:
   channels: str  # 'gray' (1 channel) or 'mri' (3)
   batch: int
   config_module: Optional[str] = None  # Take the rest of the recipe from this config.
+  dtype: str = 'float32'  # The model's compute dtype (params stay float32).
 
 
 CASES = {
@@ -64,9 +66,9 @@ def timed(fn: Callable[[], object], steps: int, warmup: int = 2) -> Dict[str, fl
   return {'median': statistics.median(times), 'min': min(times), 'max': max(times)}
 
 
-def matmul_peak_gflops(n: int = 2048, steps: int = 10) -> float:
-  """float32 matmul GFLOP/s on the default device: the peak the steps are held to."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+def matmul_peak_gflops(n: int = 2048, steps: int = 10, dtype: str = 'float32') -> float:
+  """Matmul GFLOP/s on the default device in `dtype`: the peak the steps are held to."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x: x @ x)
   t = timed(lambda: f(a).block_until_ready(), steps)
   return 2 * n ** 3 / t['median'] / 1e9
@@ -79,18 +81,49 @@ def _flops(compiled) -> float:
   return float(analysis.get('flops', 0.0))
 
 
+def _peak_memory_mb(compiled) -> float:
+  """XLA's own account of the compiled step's peak live memory (arguments included)."""
+  stats = compiled.memory_analysis()
+  peak = getattr(stats, 'peak_memory_in_bytes', 0) or (
+      stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+      - stats.alias_size_in_bytes)
+  return peak / 2 ** 20
+
+
+def _max_rss_mb() -> float:
+  """The largest resident set this process has had so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _config(case: Case) -> ml_collections.ConfigDict:
   config = importlib.import_module(case.config_module or 'configs.default').get_config()
   config.data.image_size, config.data.channels = case.size, case.channels
   config.batch_size = case.batch
+  config.model.dtype = case.dtype
   return config
 
 
 def _record(case: Case, mode: str, impl: str, batch: int, t: Dict[str, float], **extra):
   return {'case': case.name, 'mode': mode, 'impl': impl, 'batch': batch,
           'size': case.size, 'channels': input_pipeline.CHANNELS[case.channels],
+          'dtype': case.dtype,
           'images_per_sec': batch / t['median'], 'sec_per_step': t['median'],
           'sec_min': t['min'], 'sec_max': t['max'], **extra}
+
+
+def train_step_setup(case: Case):
+  """The jitted train step of `case`, a fresh state, a random global batch, and
+  the step compiled for them (for XLA's cost and memory analyses)."""
+  config = _config(case)
+  mesh = parallel.create_mesh()
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(case.batch, *train.input_shape(config))).astype(np.float32),
+           'mask': (rng.random((case.batch, case.size, case.size, 1)) > 0.9).astype(np.float32)}
+  batch = parallel.to_global(batch, mesh)
+  state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0), 100),
+                         parallel.replicated(mesh))
+  step = train.compile_train_step(config, mesh)
+  return step, state, batch, step.lower(state, batch, jax.random.PRNGKey(0)).compile()
 
 
 def bench_steps(case: Case, steps: int, peak: float):
@@ -101,15 +134,7 @@ def bench_steps(case: Case, steps: int, peak: float):
   """
   config = _config(case)
   mesh = parallel.create_mesh()
-  shape = train.input_shape(config)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(case.batch, *shape)).astype(np.float32),
-           'mask': (rng.random((case.batch, case.size, case.size, 1)) > 0.9).astype(np.float32)}
-  batch = parallel.to_global(batch, mesh)
-  state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0), 100),
-                         parallel.replicated(mesh))
-  step = train.compile_train_step(config, mesh)
-  compiled = step.lower(state, batch, jax.random.PRNGKey(0)).compile()
+  step, state, batch, compiled = train_step_setup(case)
   flops = _flops(compiled)
   holder = {'state': state}
 
@@ -120,8 +145,11 @@ def bench_steps(case: Case, steps: int, peak: float):
   t = timed(run_train, steps)
   records = [_record(case, 'train', 'brainseg', case.batch, t,
                      gflops_per_sec=flops / t['median'] / 1e9,
-                     peak_fraction=flops / t['median'] / 1e9 / peak)]
+                     peak_fraction=flops / t['median'] / 1e9 / peak,
+                     xla_peak_memory_mb=_peak_memory_mb(compiled),
+                     process_max_rss_mb=_max_rss_mb())]
   model = train.create_model(config)
+  shape, rng = train.input_shape(config), np.random.default_rng(1)
   eval_images = parallel.to_global(
       {'image': rng.normal(size=(32, *shape)).astype(np.float32)}, mesh)['image']
   variables = train.model_variables(holder['state'])
@@ -179,7 +207,7 @@ def bench_torch(case: Case, mode: str, steps: int) -> Optional[dict]:
 
 def format_table(records: List[dict]) -> str:
   lines = [f'{"case":<11} {"mode":<10} {"impl":<8} {"batch":>5} {"img/s":>8} '
-           f'{"spread s/step":>15} {"GFLOP/s":>8} {"peak":>6} {"vs torch":>8}']
+           f'{"spread s/step":>15} {"GFLOP/s":>8} {"peak":>6} {"vs torch":>8} {"XLA MiB":>8}']
   torch = {(r['case'], r['mode']): r['images_per_sec'] for r in records if r['impl'] == 'torch'}
   for r in records:
     spread = f'{r["sec_min"]:.3f}-{r["sec_max"]:.3f}' if 'sec_min' in r else ''
@@ -187,17 +215,19 @@ def format_table(records: List[dict]) -> str:
     peak = f'{100 * r["peak_fraction"]:.0f}%' if 'peak_fraction' in r else ''
     ratio = torch.get((r['case'], r['mode']))
     ratio = f'{r["images_per_sec"] / ratio:.2f}x' if ratio and r['impl'] == 'brainseg' else ''
+    memory = f'{r["xla_peak_memory_mb"]:.0f}' if 'xla_peak_memory_mb' in r else ''
     lines.append(f'{r["case"]:<11} {r["mode"]:<10} {r["impl"]:<8} {r["batch"]:>5} '
-                 f'{r["images_per_sec"]:>8.2f} {spread:>15} {gflops:>8} {peak:>6} {ratio:>8}')
+                 f'{r["images_per_sec"]:>8.2f} {spread:>15} {gflops:>8} {peak:>6} {ratio:>8} '
+                 f'{memory:>8}')
   return '\n'.join(lines)
 
 
 def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[str],
-        patients: int) -> Dict:
-  peak = matmul_peak_gflops()
+        patients: int, dtype: str = 'float32') -> Dict:
+  peak = matmul_peak_gflops(dtype=dtype)
   records = []
   for name in cases:
-    case = CASES[name]
+    case = dataclasses.replace(CASES[name], dtype=dtype)
     step_records, (step, holder) = bench_steps(case, steps, peak)
     records += step_records
     if data_root and os.path.isdir(data_root):
@@ -206,7 +236,7 @@ def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[s
       records += [r for r in (bench_torch(case, m, steps) for m in ('train', 'eval')) if r]
   return {'device': str(jax.devices()[0].device_kind), 'backend': jax.default_backend(),
           'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'matmul_peak_gflops': peak, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'matmul_peak_gflops': peak, 'dtype': dtype, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'jax': jax.__version__, 'records': records}
 
 
@@ -218,13 +248,18 @@ def main(argv=None):
   parser.add_argument('--data-root', default='../shared/data/kaggle_3m',
                       help='real TIFFs for the loader and end-to-end cases ("" to skip)')
   parser.add_argument('--patients', type=int, default=20, help='patients decoded for the loader')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='compute dtype of the model and of the matmul peak')
   parser.add_argument('--json', help='also write the records to this file')
   args = parser.parse_args(argv)
+  unknown = sorted(set(args.cases.split(',')) - set(CASES))
+  if unknown:
+    parser.error(f'unknown case(s) {unknown}; the cases are {list(CASES)}')
   cli.set_default_xla_flags()
   result = run(args.cases.split(','), args.steps, args.compare_torch, args.data_root,
-               args.patients)
-  print(f'{result["device"]} ({result["backend"]}), matmul peak '
-        f'{result["matmul_peak_gflops"]:.0f} GFLOP/s')
+               args.patients, args.dtype)
+  print(f'{result["device"]} ({result["backend"]}), {args.dtype} matmul peak '
+        f'{result["matmul_peak_gflops"]:.0f} GFLOP/s (the torch peer is always float32)')
   print(format_table(result['records']))
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

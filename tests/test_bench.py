@@ -2,6 +2,7 @@
 import json
 
 from brainseg import bench
+from brainseg import op_profile
 
 
 def test_bench_runs_on_a_tiny_case(tmp_path, monkeypatch, tiny_root):
@@ -19,3 +20,13 @@ def test_bench_runs_on_a_tiny_case(tmp_path, monkeypatch, tiny_root):
   for mode in ('train', 'eval'):
     assert modes[mode]['gflops_per_sec'] > 0 and 0 < modes[mode]['peak_fraction']
   assert 'end_to_end' in bench.format_table(result['records'])
+  assert modes['train']['xla_peak_memory_mb'] > 0 and modes['train']['process_max_rss_mb'] > 0
+
+
+def test_op_profile_attributes_step_time_to_model_layers(tmp_path, monkeypatch):
+  monkeypatch.setitem(bench.CASES, 'tiny', bench.Case('tiny', 32, 'mri', 4, 'configs.tiny'))
+  rows = op_profile.profile(bench.CASES['tiny'], 2, str(tmp_path / 'trace'))
+  assert rows and abs(sum(r['share'] for r in rows) - 1) < 1e-6
+  assert rows == sorted(rows, key=lambda r: -r['ms'])
+  sources = ' '.join(r['source'] for r in rows)
+  assert 'FWD/encoder_0/Conv_0' in sources and 'BWD/' in sources
