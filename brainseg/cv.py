@@ -31,6 +31,7 @@ from brainseg import cli
 from brainseg import data as data_lib
 from brainseg import evaluate
 from brainseg import metrics as metrics_lib
+from brainseg import parallel
 from brainseg import train
 
 FLAGS = flags.FLAGS
@@ -122,12 +123,17 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
   (None if stopped by SIGTERM before every fold was done)."""
   patients = sorted(data_lib.scan(config.data.root))
   splits = load_or_make_folds(workdir, patients, num_folds, seed, val_every)
+  if only is not None and not set(only) <= set(range(len(splits))):
+    raise ValueError(f'--only {sorted(only)}: folds are numbered 0 to {len(splits) - 1}')
   stopped = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
   try:
     for k, split in enumerate(splits):
       if only is not None and k not in only:
         continue
+      if parallel.any_process(bool(stopped)):
+        logging.warning('SIGTERM: stopping before fold %d; run the same command to resume.', k)
+        return None
       fold_dir = os.path.join(workdir, f'fold_{k}')
       test_metrics = os.path.join(fold_dir, 'test', 'metrics.json')
       if os.path.exists(test_metrics):
@@ -140,7 +146,7 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
       logging.info('fold %d of %d: %d train, %d val, %d test patients', k, num_folds,
                    len(split['train']), len(split['val']), len(split['test']))
       train.train_and_evaluate(fold_config, fold_dir)
-      if stopped:
+      if parallel.any_process(bool(stopped)):
         logging.warning('SIGTERM: fold %d saved; run the same command to resume.', k)
         return None
       evaluate.evaluate(fold_dir, 'test', os.path.dirname(test_metrics))
@@ -160,6 +166,8 @@ def write_summary(workdir: str, num_folds: int) -> dict:
       fold_metrics.append({**json.load(f), 'fold': k})
     with open(os.path.join(test_dir, 'per_patient.csv')) as f:
       dice += [float(row['dice']) for row in csv.DictReader(f)]
+  if not fold_metrics:
+    raise ValueError(f'no fold of {workdir} has been tested yet: nothing to summarise')
   summary = summarize_folds(fold_metrics, dice)
   summary['folds_done'] = f'{len(fold_metrics)} of {num_folds}'
   _write_json(os.path.join(workdir, 'summary.json'), summary)

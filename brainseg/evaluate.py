@@ -2,12 +2,17 @@ r"""Evaluates a checkpoint (or an ensemble) on one split: metrics.json, per_pati
 
   python -m brainseg.evaluate --workdir DIR --split test --output OUT
   python -m brainseg.evaluate --workdir results/reference --split test --output /tmp/eval
-  python -m brainseg.evaluate --workdir cv/fold_0,cv/fold_1 --split val --output OUT
+  python -m brainseg.evaluate --workdir cv/fold_0,cv/fold_1 --split test --output OUT \
+      --data_root OTHER_ROOT --split_file OTHER_SPLIT.json
 
 DIR is a training workdir (its best-on-val checkpoint is used) or a `best/`
 folder; --step names another saved step. Several comma-separated DIRs are an
 ensemble: their probabilities are averaged. The data root and split come from
 the (first) checkpoint's config unless --data_root / --split_file say otherwise.
+A split (or the val part used to choose post-processing) that shares a patient
+with any member's training patients is refused: the cross-validation folds
+together trained on every patient of their root, so score their ensemble on
+other patients.
 
 --postprocess=val (the default) tries test-time flips and the 3-D largest
 component on the val split, keeps each only if val's per-patient Dice rises,
@@ -20,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -27,6 +33,7 @@ import numpy as np
 
 from brainseg import checkpointing
 from brainseg import cli
+from brainseg import data as data_lib
 from brainseg import metrics as metrics_lib
 from brainseg import parallel
 from brainseg import postprocess as postprocess_lib
@@ -69,7 +76,30 @@ def _load_models(workdirs: Sequence[str], step: Optional[int],
       if saved['data'][field] != first['data'][field]:
         raise ValueError(f'ensemble members disagree: {workdir} has data.{field}='
                          f'{saved["data"][field]!r}, {workdirs[0]} has {first["data"][field]!r}')
-  return [(variables, s) for variables, _, s in loaded], config
+  return [(variables, s) for variables, _, s in loaded], config, [saved for _, saved, _ in loaded]
+
+
+def check_not_trained_on(workdirs: Sequence[str], member_configs, patients: Sequence[str],
+                         scored: Dict[str, Sequence[str]]) -> None:
+  """Raises ValueError if a scored part holds a patient some member trained on.
+
+  Each member's training patients are those of its own saved split, over the
+  patients of the root being evaluated.
+  """
+  for workdir, saved in zip(workdirs, member_configs):
+    d = saved['data']
+    try:
+      trained = set(data_lib.make_split(patients, d['split_file'], tuple(d['split_fractions']),
+                                        d['split_seed'])['train'])
+    except (data_lib.DataError, OSError) as e:
+      logging.warning('Cannot check which patients %s trained on (%s); not checked.', workdir, e)
+      continue
+    for part, ids in scored.items():
+      leaked = sorted(trained & set(ids))
+      if leaked:
+        raise ValueError(f'{workdir} was trained on {len(leaked)} patient(s) of the {part} '
+                         f'split being scored (e.g. {leaked[:3]}); score a model only on '
+                         'patients it did not train on (see --data_root / --split_file)')
 
 
 def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
@@ -84,14 +114,16 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
     postprocess: 'val' (choose on the val split) or a key of FORCED.
   """
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
-  members, config = _load_models(workdirs, step, config)
+  members, config, member_configs = _load_models(workdirs, step, config)
   with config.unlocked():
     if data_root is not None:
       config.data.root = data_root
     if split_file is not None:
       config.data.split_file = split_file
   parts = tuple(dict.fromkeys([split] + (['val'] if postprocess == 'val' else [])))
-  _, arrays = train.load_splits(config, parts=parts)
+  split_ids, arrays = train.load_splits(config, parts=parts)
+  check_not_trained_on(workdirs, member_configs, [p for ids in split_ids.values() for p in ids],
+                       {part: split_ids[part] for part in parts})
   mesh = parallel.create_mesh()
   model = train.create_model(config)
   on_device = [jax.device_put(v, parallel.replicated(mesh)) for v, _ in members]

@@ -39,3 +39,10 @@ def gather_to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective with several)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.process_allgather(np.int32(flag)).max())

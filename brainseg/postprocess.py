@@ -29,17 +29,22 @@ def largest_component_3d(masks: np.ndarray, patient_ids: np.ndarray,
 
   Args:
     masks: (N, H, W) bool, rows in any order.
-    patient_ids, slice_numbers: (N,) which volume and which slice each row is.
+    patient_ids, slice_numbers: (N,) which volume and which slice each row is
+      (slice numbers unique within a patient; gaps in them are kept as gaps).
   """
   out = np.zeros_like(masks)
   structure = np.ones((3, 3, 3), bool)
   for pid in np.unique(patient_ids):
     rows = np.flatnonzero(patient_ids == pid)
-    rows = rows[np.argsort(slice_numbers[rows], kind='stable')]
-    labels, count = scipy.ndimage.label(masks[rows], structure)
+    # Each slice at its own depth, so that a missing slice number leaves an
+    # empty layer between its neighbours instead of joining them.
+    depth = slice_numbers[rows] - slice_numbers[rows].min()
+    volume = np.zeros((depth.max() + 1, *masks.shape[1:]), bool)
+    volume[depth] = masks[rows]
+    labels, count = scipy.ndimage.label(volume, structure)
     if count:
       sizes = np.bincount(labels.ravel())[1:]
-      out[rows] = labels == 1 + int(np.argmax(sizes))
+      out[rows] = (labels == 1 + int(np.argmax(sizes)))[depth]
   return out
 
 

@@ -17,7 +17,6 @@ import flax
 from flax import traverse_util
 from flax.training import train_state
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -312,10 +311,7 @@ class _Preemption:
     Called once per step by every process (a collective when there are several),
     so all of them save the same step and leave the loop together.
     """
-    stop = self._requested
-    if jax.process_count() > 1:
-      stop = bool(multihost_utils.process_allgather(np.int32(stop)).max())
-    return stop
+    return parallel.any_process(self._requested)
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)

@@ -65,3 +65,19 @@ def test_cv_command_runs_every_fold_resumes_and_summarizes(tiny_root, tmp_path):
   assert len(split['test']) == 2 and len(split['val']) == 2
   changed = _cv(tiny_root, workdir, '--fold_seed', '1')
   assert changed.returncode != 0 and 'was made with other fold_seed' in changed.stderr
+  unknown_fold = _cv(tiny_root, workdir, '--only', '7')
+  assert unknown_fold.returncode != 0 and 'folds are numbered 0 to 2' in unknown_fold.stderr
+  # The fold models as an ensemble, scored on a split whose test part fold 1 trained on.
+  fold_1 = json.load(open(workdir / 'fold_1' / 'split.json'))
+  leaky = tmp_path / 'leaky_split.json'
+  leaky.write_text(json.dumps({'train': sorted(fold_1['val']), 'val': sorted(fold_1['test']),
+                               'test': sorted(fold_1['train'])}))
+  leaked = subprocess.run(
+      [sys.executable, '-m', 'brainseg.evaluate', '--workdir',
+       f'{workdir / "fold_0"},{workdir / "fold_1"}', '--split', 'test', '--split_file',
+       str(leaky), '--postprocess', 'none', '--output', str(tmp_path / 'ensemble')],
+      cwd=conftest.REPO, env=conftest.subprocess_env(), capture_output=True, text=True,
+      timeout=600)
+  assert leaked.returncode != 0, leaked.stderr[-3000:]
+  assert 'was trained on' in leaked.stderr and 'of the test split' in leaked.stderr
+  assert not (tmp_path / 'ensemble').exists()

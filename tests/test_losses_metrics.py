@@ -110,6 +110,14 @@ def test_hd95_by_hand():
   assert 0 < metrics.hd95(a, b) <= 2.0
 
 
+def test_contour_is_medpys_four_connected_border():
+  mask = np.ones((5, 5), bool)
+  mask[0, 0] = False  # (1, 1) touches the background only diagonally: not contour.
+  contour = metrics._contour(mask)  # pylint: disable=protected-access
+  assert not contour[1, 1] and contour[0, 1] and contour[1, 0] and contour[4, 4]
+  assert contour.sum() == 15  # The 16 border pixels of a 5x5 square, less the missing one.
+
+
 def test_summary_hd95_skips_slices_with_an_empty_mask():
   hd = np.array([np.nan, 4.0, 2.0, np.nan])
   out = metrics.summarize(['A', 'A', 'B', 'B'], [0, 1, 1, 0], [0, 1, 1, 3], [0, 1, 1, 0],

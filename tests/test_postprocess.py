@@ -22,12 +22,20 @@ def test_largest_component_is_found_in_3d_in_slice_order():
   assert out[3, 0, 0:2].all() and out.sum() == 5
 
 
-def test_a_blob_is_not_joined_across_a_missing_neighbour_slice():
+def test_a_blob_is_not_joined_across_an_empty_neighbour_slice():
   masks = np.zeros((3, 4, 4), bool)
   masks[0, 0, 0] = masks[2, 0, 0] = True  # Slices 1 and 3; slice 2 empty: two components.
   masks[2, 1, 0] = True
   out = postprocess.largest_component_3d(masks, np.array(['A'] * 3), np.array([1, 2, 3]))
   assert out.sum() == 2 and not out[0].any()
+
+
+def test_a_blob_is_not_joined_across_a_missing_slice_number():
+  masks = np.zeros((2, 4, 4), bool)
+  masks[0, 0, 0] = True  # Slice 1.
+  masks[1, 0, 0] = masks[1, 1, 0] = True  # Slice 3; there is no slice 2 at all.
+  out = postprocess.largest_component_3d(masks, np.array(['A'] * 2), np.array([1, 3]))
+  assert out.sum() == 2 and not out[0].any() and out[1, 0:2, 0].all()
 
 
 def test_choose_on_val_keeps_a_setting_only_when_it_scores_higher():
