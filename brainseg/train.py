@@ -34,8 +34,10 @@ from brainseg import writers
 
 
 class TrainState(train_state.TrainState):
-  """Params and optimizer state, plus BatchNorm's running statistics."""
+  """Params and optimizer state, plus BatchNorm's running statistics and how many
+  non-finite steps were skipped (in the state so that the count survives a resume)."""
   batch_stats: Any
+  skipped_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -119,7 +121,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array,
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   if skip_nonfinite:
-    unchanged = state.replace(step=new_state.step)
+    unchanged = state.replace(step=new_state.step,
+                              skipped_steps=state.skipped_steps + 1)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, unchanged)
     loss, grad_norm = jnp.where(finite, loss, 0.0), jnp.where(finite, grad_norm, 0.0)
   metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=grad_norm)
@@ -383,7 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ----- Loop -----
   train_metrics, unchecked = None, []  # unchecked: (step, finite flag) since the last sync.
-  skipped = 0
   window_start, window_step = time.time(), start_step
   try:
     for step in range(start_step + 1, num_steps + 1):
@@ -399,12 +401,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       do_save = step % config.checkpoint_every_steps == 0 or is_last or stop
       if step % config.log_every_steps == 0 or do_eval or do_save:
         # Checked before anything is evaluated or saved: a NaN state is never kept.
-        skipped += _check_finite(unchecked, config.skip_nonfinite_steps, manager, workdir)
+        _check_finite(unchecked, config.skip_nonfinite_steps, manager, workdir)
         unchecked = []
       if step % config.log_every_steps == 0 or do_eval:
         rate = (step - window_step) / max(time.time() - window_start, 1e-9)
         _log_train(writer, step, num_steps, train_metrics.compute(), rate, config,
-                   float(schedule(step - 1)), skipped)
+                   float(schedule(step - 1)), int(state.skipped_steps))
         train_metrics, window_start, window_step = None, time.time(), step
       if do_eval:
         with report.timed('eval'):
@@ -436,12 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def _check_finite(unchecked, skip: bool, manager, workdir: str) -> int:
-  """Raises on the first non-finite step, or logs each one when skipping them.
-
-  Returns:
-    how many of `unchecked` were skipped.
-  """
+def _check_finite(unchecked, skip: bool, manager, workdir: str) -> None:
+  """Raises on the first non-finite step, or logs each one when skipping them."""
   bad = [step for step, finite in unchecked if not bool(finite)]
   if bad and not skip:
     manager.wait_until_finished()
@@ -451,7 +449,6 @@ def _check_finite(unchecked, skip: bool, manager, workdir: str) -> int:
         'Set --config.skip_nonfinite_steps=True to skip such steps instead.')
   for step in bad:
     logging.warning('step %d: non-finite loss or gradients; update skipped', step)
-  return len(bad)
 
 
 def _log_train(writer, step: int, num_steps: int, summary, rate: float,

@@ -222,6 +222,16 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(trained, tmp
   records = writers.read_jsonl(str(skipping / 'metrics.jsonl'))
   assert records[-1]['step'] == 8 and records[-1]['skipped_steps'] >= 1
   assert all(np.isfinite(v).all() for v in _final_state(skipping).values())
+  # The count is part of the train state: a resumed run goes on from it.
+  skipped_before = records[-1]['skipped_steps']
+  resumed = _run(_train_command(root, skipping, '--config.learning_rate=1e35',
+                                '--config.num_train_steps=12', '--config.eval_every_steps=8',
+                                '--config.skip_nonfinite_steps=True',
+                                '--config.allow_config_change=True'))
+  skipped_after_resume = resumed.stderr.count('non-finite loss or gradients; update skipped')
+  records = writers.read_jsonl(str(skipping / 'metrics.jsonl'))
+  assert records[-1]['step'] == 12
+  assert records[-1]['skipped_steps'] == skipped_before + skipped_after_resume
 
 
 def test_evaluating_under_a_config_of_another_model_is_refused(trained, tmp_path):
