@@ -18,15 +18,17 @@ import csv
 import json
 import os
 import signal
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from absl import app
 from absl import flags
 from absl import logging
+from flax import traverse_util
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from brainseg import checkpointing
 from brainseg import cli
 from brainseg import data as data_lib
 from brainseg import evaluate
@@ -74,22 +76,37 @@ def _write_json(path: str, value) -> None:
   os.replace(path + '.tmp', path)  # Never a half-written file, even if killed here.
 
 
+def recipe(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The config's settings that shape a fold's model, flattened: all but where the
+  data lives, how fast it loads, and the split file (each fold sets its own)."""
+  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+  ignored = set(checkpointing.RESUME_SAFE_FIELDS) | {'data.split_file'}
+  return {k: v for k, v in sorted(flat.items()) if k not in ignored}
+
+
 def load_or_make_folds(workdir: str, patients: List[str], num_folds: int, seed: int,
-                       val_every: int) -> List[Dict[str, List[str]]]:
+                       val_every: int, config: ml_collections.ConfigDict
+                       ) -> List[Dict[str, List[str]]]:
   """The folds of WORKDIR/folds.json; made (and written) on the first run.
 
+  The recipe is saved with them, so that every fold of a summary is trained alike.
+
   Raises:
-    ValueError: if the workdir's folds were made with other settings or data.
+    ValueError: if the workdir's folds were made with other settings, data or config.
   """
   path = os.path.join(workdir, 'folds.json')
   settings = {'folds': num_folds, 'fold_seed': seed, 'val_every': val_every,
-              'patients': sorted(patients)}
+              'patients': sorted(patients), 'recipe': recipe(config)}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     changed = [k for k in settings if saved['settings'].get(k) != settings[k]]
     if changed:
-      raise ValueError(f'{path} was made with other {", ".join(changed)}; use a new '
+      old = saved['settings'].get('recipe', {})
+      fields = sorted(k for k in set(old) | set(settings['recipe'])
+                      if old.get(k) != settings['recipe'].get(k))
+      detail = f' (config: {", ".join(fields[:8])})' if 'recipe' in changed else ''
+      raise ValueError(f'{path} was made with other {", ".join(changed)}{detail}; use a new '
                        f'--workdir or the same settings')
     return saved['splits']
   splits = make_folds(patients, num_folds, seed, val_every)
@@ -122,7 +139,7 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
   """Trains and tests every (or the `only`) fold not yet done; returns the summary
   (None if stopped by SIGTERM before every fold was done)."""
   patients = sorted(data_lib.scan(config.data.root))
-  splits = load_or_make_folds(workdir, patients, num_folds, seed, val_every)
+  splits = load_or_make_folds(workdir, patients, num_folds, seed, val_every, config)
   if only is not None and not set(only) <= set(range(len(splits))):
     raise ValueError(f'--only {sorted(only)}: folds are numbered 0 to {len(splits) - 1}')
   stopped = []
@@ -145,7 +162,7 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
       fold_config.data.split_file = split_file
       logging.info('fold %d of %d: %d train, %d val, %d test patients', k, num_folds,
                    len(split['train']), len(split['val']), len(split['test']))
-      train.train_and_evaluate(fold_config, fold_dir)
+      train.train_and_evaluate(fold_config, fold_dir, stop_requested=lambda: bool(stopped))
       if parallel.any_process(bool(stopped)):
         logging.warning('SIGTERM: fold %d saved; run the same command to resume.', k)
         return None

@@ -122,7 +122,8 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
       config.data.split_file = split_file
   parts = tuple(dict.fromkeys([split] + (['val'] if postprocess == 'val' else [])))
   split_ids, arrays = train.load_splits(config, parts=parts)
-  check_not_trained_on(workdirs, member_configs, [p for ids in split_ids.values() for p in ids],
+  # Members' splits are rebuilt over every patient of the root, as in training.
+  check_not_trained_on(workdirs, member_configs, sorted(data_lib.scan(config.data.root)),
                        {part: split_ids[part] for part in parts})
   mesh = parallel.create_mesh()
   model = train.create_model(config)
@@ -159,8 +160,6 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
                  image_size=config.data.image_size, channels=config.data.channels)
   if jax.process_index() == 0:
     os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, 'metrics.json'), 'w') as f:
-      json.dump(results, f, indent=2)
     per_patient_csv = os.path.join(output, 'per_patient.csv')
     metrics_lib.write_per_patient_csv(per_patient_csv, target.patient_ids, **counts,
                                       hd95_per_slice=hd95)
@@ -169,6 +168,12 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
       patients = metrics_lib.per_patient_scores(target.patient_ids, **counts)
       visualize.save_overlays(output, target, masks, num_overlays,
                               dict(zip(patients['patient'], patients['dice'])))
+    # Written last and atomically: its presence means the evaluation is complete
+    # (brainseg.cv counts a fold as done by it).
+    path = os.path.join(output, 'metrics.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + '.tmp', path)
   return results
 
 

@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -299,8 +299,8 @@ def total_train_steps(config: ml_collections.ConfigDict, train_arrays) -> int:
 class _Preemption:
   """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
 
-  def __init__(self):
-    self._requested = False
+  def __init__(self, requested_before: Callable[[], bool] = lambda: False):
+    self._requested = requested_before()
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -330,8 +330,12 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
   """Trains with periodic validation and checkpoints; resumes from `workdir`.
+
+  `stop_requested` tells whether a caller's own SIGTERM handler was called while
+  this function was setting up (brainseg.cv): the loop then saves after one step and stops.
 
   Returns:
     the final train state.
@@ -378,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams(config.to_dict())
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)
-  preemption = _Preemption()
+  preemption = _Preemption(stop_requested)
   schedule = make_lr_schedule(config, num_steps)
 
   shown_rows = visualize.display_rows(val_arrays)  # The same val slices at every eval.

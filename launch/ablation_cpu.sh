@@ -27,7 +27,13 @@ for name in full no_mri_volume_norm no_dice_loss no_tumour_oversampling no_augme
   start=$(date +%s)
   # shellcheck disable=SC2086  # The variant's flags are meant to split.
   python3 -m brainseg.main "${common[@]}" ${variants[$name]} --workdir "$root/$name"
-  echo $(( $(date +%s) - start )) > "$root/$name/train_seconds"
+  # A resumed run adds its time to the earlier part's.
+  earlier=$(cat "$root/$name/train_seconds" 2>/dev/null || echo 0)
+  echo $(( earlier + $(date +%s) - start )) > "$root/$name/train_seconds"
+  if [[ ! -d "$root/$name/checkpoints/$steps" ]]; then  # Stopped early (SIGTERM saves, exits 0).
+    echo "$name stopped before step $steps; run the same command to resume it." >&2
+    exit 1
+  fi
   python3 -m brainseg.evaluate --workdir "$root/$name" --split val --postprocess none \
       --output "$root/$name/val"
   mkdir -p "$out/$name"

@@ -8,6 +8,7 @@ import pytest
 
 from brainseg import cv
 from brainseg import data
+from brainseg import evaluate
 from tests import conftest
 
 
@@ -65,6 +66,9 @@ def test_cv_command_runs_every_fold_resumes_and_summarizes(tiny_root, tmp_path):
   assert len(split['test']) == 2 and len(split['val']) == 2
   changed = _cv(tiny_root, workdir, '--fold_seed', '1')
   assert changed.returncode != 0 and 'was made with other fold_seed' in changed.stderr
+  other_recipe = _cv(tiny_root, workdir, '--config.learning_rate=0.5')
+  assert other_recipe.returncode != 0
+  assert 'was made with other recipe (config: learning_rate)' in other_recipe.stderr
   unknown_fold = _cv(tiny_root, workdir, '--only', '7')
   assert unknown_fold.returncode != 0 and 'folds are numbered 0 to 2' in unknown_fold.stderr
   # The fold models as an ensemble, scored on a split whose test part fold 1 trained on.
@@ -81,3 +85,13 @@ def test_cv_command_runs_every_fold_resumes_and_summarizes(tiny_root, tmp_path):
   assert leaked.returncode != 0, leaked.stderr[-3000:]
   assert 'was trained on' in leaked.stderr and 'of the test split' in leaked.stderr
   assert not (tmp_path / 'ensemble').exists()
+
+
+def test_scoring_a_model_on_patients_it_trained_on_is_refused():
+  patients = [f'TCGA_CS_{i:04d}_20000101' for i in range(20)]
+  member = {'data': {'split_file': '', 'split_fractions': [0.5, 0.25, 0.25], 'split_seed': 0}}
+  parts = data.make_split(patients, '', (0.5, 0.25, 0.25), 0)
+  evaluate.check_not_trained_on(['m'], [member], patients, {'test': parts['test']})
+  with pytest.raises(ValueError, match=r'm was trained on 2 patient\(s\) of the test split'):
+    evaluate.check_not_trained_on(['m'], [member], patients,
+                                  {'test': parts['test'] + parts['train'][:2]})
