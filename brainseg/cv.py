@@ -1,7 +1,7 @@
 r"""Patient-grouped k-fold cross-validation, one fold after another, resumable.
 
   python -m brainseg.cv --config configs/cpu.py --workdir /tmp/brainseg/cv \
-      [--folds 5] [--fold_seed 0] [--summary results/cv/summary.json]
+      [--folds 5] [--fold_seed 0] [--summary results/cv/summary.json]  # + summary.md
 
 All patients of the data root are dealt into k folds, stratified by
 institution (the second field of the patient id) and seeded. Fold k is the
@@ -172,8 +172,29 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
   return write_summary(workdir, len(splits))
 
 
+def summary_table(summary: dict) -> str:
+  """The summary as a Markdown table, one row per fold, then the spread over folds."""
+  lines = ['| fold | test patients | per-patient Dice mean | median | per-slice Dice | '
+           'post-processing (chosen on val) |', '|---|---|---|---|---|---|']
+  for f in summary['folds']:
+    post = [name for name, on in f['postprocess'].items() if on] or ['none']
+    lines.append(f"| {f['fold']} | {f['num_patients']} | {f['per_patient_dice_mean']:.4f} | "
+                 f"{f['per_patient_dice_median']:.4f} | {f['per_slice_dice']:.4f} | "
+                 f"{', '.join(post)} |")
+  low, high = summary['pooled_per_patient_dice_ci95']
+  lines += ['', f"Over {summary['folds_done']} folds: mean per-patient Dice "
+            f"{summary['fold_mean_of_per_patient_dice']:.4f}, median "
+            f"{summary['fold_median_of_per_patient_dice']:.4f}, standard deviation "
+            f"{summary['fold_std_of_per_patient_dice']:.4f}, range "
+            f"{summary['fold_min_max'][0]:.4f}-{summary['fold_min_max'][1]:.4f}. Pooled over "
+            f"{summary['num_patients']} patients: {summary['pooled_per_patient_dice_mean']:.4f} "
+            f"(95% bootstrap CI {low:.4f}-{high:.4f})."]
+  return '\n'.join(lines) + '\n'
+
+
 def write_summary(workdir: str, num_folds: int) -> dict:
-  """WORKDIR/summary.json from the finished folds' test metrics and per_patient.csv."""
+  """WORKDIR/summary.json (and summary.md) from the finished folds' test metrics
+  and per_patient.csv."""
   fold_metrics, dice = [], []
   for k in range(num_folds):
     test_dir = os.path.join(workdir, f'fold_{k}', 'test')
@@ -188,6 +209,8 @@ def write_summary(workdir: str, num_folds: int) -> dict:
   summary = summarize_folds(fold_metrics, dice)
   summary['folds_done'] = f'{len(fold_metrics)} of {num_folds}'
   _write_json(os.path.join(workdir, 'summary.json'), summary)
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(summary_table(summary))
   return summary
 
 
@@ -202,6 +225,8 @@ def main(argv):
     return
   if FLAGS.summary:
     _write_json(FLAGS.summary, summary)
+    with open(os.path.splitext(FLAGS.summary)[0] + '.md', 'w') as f:
+      f.write(summary_table(summary))
   for row in summary['folds']:
     print(f"fold {row['fold']}: {row['num_patients']} test patients, per-patient Dice "
           f"{row['per_patient_dice_mean']:.4f} (median {row['per_patient_dice_median']:.4f})")
@@ -221,7 +246,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('fold_seed', 0, 'Seed of the patient-to-fold assignment.')
   flags.DEFINE_integer('val_every', 8, 'One in this many non-test patients is val.')
   flags.DEFINE_list('only', None, 'Run only these folds (e.g. 0,1); default all.')
-  flags.DEFINE_string('summary', None, 'Also copy summary.json here (e.g. results/cv/summary.json).')
+  flags.DEFINE_string('summary', None, 'Also copy summary.json here (e.g. results/cv/summary.json), '
+                      'and summary.md beside it.')
   config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
   flags.mark_flags_as_required(['config', 'workdir'])
 

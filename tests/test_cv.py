@@ -58,10 +58,13 @@ def test_cv_command_runs_every_fold_resumes_and_summarizes(tiny_root, tmp_path):
   assert 'fold 0: done' in rest.stderr  # Not trained again.
   summary = json.load(open(summary_copy))
   assert summary == json.load(open(workdir / 'summary.json'))
+  assert (tmp_path / 'results' / 'summary.md').read_text() == (workdir / 'summary.md').read_text()
   assert [f['fold'] for f in summary['folds']] == [0, 1, 2]
   assert summary['num_patients'] == 6 and summary['folds_done'] == '3 of 3'
   means = [f['per_patient_dice_mean'] for f in summary['folds']]
   assert summary['fold_mean_of_per_patient_dice'] == pytest.approx(sum(means) / 3)
+  table = (workdir / 'summary.md').read_text()
+  assert all(f'| {k} | 2 | {means[k]:.4f} |' in table for k in range(3))
   split = json.load(open(workdir / 'fold_2' / 'split.json'))
   assert len(split['test']) == 2 and len(split['val']) == 2
   changed = _cv(tiny_root, workdir, '--fold_seed', '1')
