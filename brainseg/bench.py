@@ -82,12 +82,17 @@ def _flops(compiled) -> float:
 
 
 def _peak_memory_mb(compiled) -> float:
-  """XLA's own account of the compiled step's peak live memory (arguments included)."""
+  """XLA's own account of the compiled step's live memory: arguments, outputs and
+  temporaries (activations kept for the backward pass), less donated buffers.
+
+  Computed from the parts because on the CPU backend (jaxlib 0.10.2)
+  `peak_memory_in_bytes` covers the arguments only (e.g. 28 MB against 672 MB of
+  temporaries for the 128x128x3 train step).
+  """
   stats = compiled.memory_analysis()
-  peak = getattr(stats, 'peak_memory_in_bytes', 0) or (
-      stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-      - stats.alias_size_in_bytes)
-  return peak / 2 ** 20
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return max(total, getattr(stats, 'peak_memory_in_bytes', 0) or 0) / 2 ** 20
 
 
 def _max_rss_mb() -> float:
