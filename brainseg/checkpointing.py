@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from brainseg import writers
+
 CONFIG_FILE = 'config.json'
 # Settings that may change between a run and its resumption without changing
 # what is trained: where the data lives, how fast it is read, how often to log.
@@ -58,10 +60,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
           f'workdir {workdir} holds checkpoints of a run with another config ({details}). '
           'Use a new --workdir, or pass --config.allow_config_change=True to resume anyway.')
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    writers.write_json_atomically(path, new, sort_keys=True)
 
 
 def train_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:

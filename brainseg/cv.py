@@ -35,6 +35,7 @@ from brainseg import evaluate
 from brainseg import metrics as metrics_lib
 from brainseg import parallel
 from brainseg import train
+from brainseg import writers
 
 FLAGS = flags.FLAGS
 
@@ -67,13 +68,6 @@ def make_folds(patients: List[str], num_folds: int, seed: int,
     folds.append({'train': sorted(set(rest) - set(val)), 'val': sorted(val),
                   'test': sorted(pid for pid in order if fold_of[pid] == k)})
   return folds
-
-
-def _write_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)  # Never a half-written file, even if killed here.
 
 
 def recipe(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -110,7 +104,7 @@ def load_or_make_folds(workdir: str, patients: List[str], num_folds: int, seed: 
                        f'--workdir or the same settings')
     return saved['splits']
   splits = make_folds(patients, num_folds, seed, val_every)
-  _write_json(path, {'settings': settings, 'splits': splits})
+  writers.write_json_atomically(path, {'settings': settings, 'splits': splits})
   return splits
 
 
@@ -157,7 +151,7 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str, num_folds: int, seed
         logging.info('fold %d: done (%s)', k, test_metrics)
         continue
       split_file = os.path.join(fold_dir, 'split.json')
-      _write_json(split_file, split)
+      writers.write_json_atomically(split_file, split)
       fold_config = ml_collections.ConfigDict(config.to_dict())
       fold_config.data.split_file = split_file
       logging.info('fold %d of %d: %d train, %d val, %d test patients', k, num_folds,
@@ -208,10 +202,15 @@ def write_summary(workdir: str, num_folds: int) -> dict:
     raise ValueError(f'no fold of {workdir} has been tested yet: nothing to summarise')
   summary = summarize_folds(fold_metrics, dice)
   summary['folds_done'] = f'{len(fold_metrics)} of {num_folds}'
-  _write_json(os.path.join(workdir, 'summary.json'), summary)
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(summary_table(summary))
+  write_summary_files(os.path.join(workdir, 'summary.json'), summary)
   return summary
+
+
+def write_summary_files(json_path: str, summary: dict) -> None:
+  """The summary as JSON at `json_path`, and as a Markdown table beside it (.md)."""
+  writers.write_json_atomically(json_path, summary)
+  with open(os.path.splitext(json_path)[0] + '.md', 'w') as f:
+    f.write(summary_table(summary))
 
 
 def main(argv):
@@ -224,9 +223,7 @@ def main(argv):
   if summary is None:
     return
   if FLAGS.summary:
-    _write_json(FLAGS.summary, summary)
-    with open(os.path.splitext(FLAGS.summary)[0] + '.md', 'w') as f:
-      f.write(summary_table(summary))
+    write_summary_files(FLAGS.summary, summary)
   for row in summary['folds']:
     print(f"fold {row['fold']}: {row['num_patients']} test patients, per-patient Dice "
           f"{row['per_patient_dice_mean']:.4f} (median {row['per_patient_dice_median']:.4f})")

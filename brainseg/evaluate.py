@@ -19,7 +19,6 @@ component on the val split, keeps each only if val's per-patient Dice rises,
 and records the choice and the table in metrics.json. Metric semantics are in
 brainseg/metrics.py and the README.
 """
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -39,6 +38,7 @@ from brainseg import parallel
 from brainseg import postprocess as postprocess_lib
 from brainseg import train
 from brainseg import visualize
+from brainseg import writers
 
 FLAGS = flags.FLAGS
 
@@ -121,9 +121,10 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
     if split_file is not None:
       config.data.split_file = split_file
   parts = tuple(dict.fromkeys([split] + (['val'] if postprocess == 'val' else [])))
-  split_ids, arrays = train.load_splits(config, parts=parts)
+  patients = data_lib.scan(config.data.root)
+  split_ids, arrays = train.load_splits(config, parts=parts, patients=patients)
   # Members' splits are rebuilt over every patient of the root, as in training.
-  check_not_trained_on(workdirs, member_configs, sorted(data_lib.scan(config.data.root)),
+  check_not_trained_on(workdirs, member_configs, sorted(patients),
                        {part: split_ids[part] for part in parts})
   mesh = parallel.create_mesh()
   model = train.create_model(config)
@@ -170,10 +171,7 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
                               dict(zip(patients['patient'], patients['dice'])))
     # Written last and atomically: its presence means the evaluation is complete
     # (brainseg.cv counts a fold as done by it).
-    path = os.path.join(output, 'metrics.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + '.tmp', path)
+    writers.write_json_atomically(os.path.join(output, 'metrics.json'), results)
   return results
 
 

@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -274,9 +274,15 @@ def prepare_workdir(workdir: str) -> None:
     raise ValueError(f'workdir {workdir} is not writable: {e}') from e
 
 
-def load_splits(config: ml_collections.ConfigDict, parts=data_lib.SPLITS):
-  """Scans the data root, splits it by patient and loads the asked-for parts."""
-  patients = data_lib.scan(config.data.root)
+def load_splits(config: ml_collections.ConfigDict, parts=data_lib.SPLITS,
+                patients: Optional[Dict[str, data_lib.Patient]] = None):
+  """Splits the data root by patient and loads the asked-for parts.
+
+  `patients` is the root's `data.scan`, when the caller has it already
+  (scanning reads every TIFF header).
+  """
+  if patients is None:
+    patients = data_lib.scan(config.data.root)
   split = data_lib.make_split(list(patients), config.data.split_file,
                               config.data.split_fractions, config.data.split_seed)
   arrays = {}

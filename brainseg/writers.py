@@ -83,6 +83,16 @@ def _flatten_hparams(tree: Dict[str, Any]) -> Dict[str, Any]:
           for key, value in traverse_util.flatten_dict(tree, sep='.').items()}
 
 
+
+def write_json_atomically(path: str, value: Any, sort_keys: bool = False) -> None:
+  """Writes `value` as JSON through a temporary file and a rename, so that `path`
+  is never half-written, even if the process is killed while writing."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=sort_keys)
+  os.replace(path + '.tmp', path)
+
+
 def read_jsonl(path: str):
   """The records of a metrics.jsonl file, in order."""
   with open(path) as f:
