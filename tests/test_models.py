@@ -98,3 +98,45 @@ def test_concat_conv_is_nn_conv_on_the_concatenation():
   np.testing.assert_allclose(ours.apply(variables, [a, b]),
                              reference.apply(variables, jnp.concatenate([a, b], -1)),
                              rtol=1e-5, atol=1e-5)
+
+
+class _FlaxBatchNormReLU(nn.Module):
+  """What BatchNormReLU replaces: flax's BatchNorm followed by a ReLU."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+    return nn.relu(x)
+
+
+def test_batch_norm_relu_matches_flax_batch_norm_then_relu():
+  x = 3 * jax.random.normal(jax.random.PRNGKey(5), (4, 6, 5, 3)) + 1
+  ours, flax_bn = models.BatchNormReLU(), _FlaxBatchNormReLU()
+  variables = flax_bn.init(jax.random.PRNGKey(0), x, True)
+  assert (jax.tree.structure(ours.init(jax.random.PRNGKey(0), x, True)['params']) ==
+          jax.tree.structure(variables['params']['BatchNorm_0']))
+  ours_vars = {'params': {'scale': jnp.array([0.5, -1.0, 2.0]), 'bias': jnp.array([0.1, 0.3, -0.2])},
+               'batch_stats': variables['batch_stats']['BatchNorm_0']}
+  flax_vars = {'params': {'BatchNorm_0': ours_vars['params']},
+               'batch_stats': variables['batch_stats']}
+  weights = jax.random.normal(jax.random.PRNGKey(6), x.shape)
+
+  def loss(apply, variables, x):  # A loss that also reads the updated statistics.
+    y, state = apply(variables, x, True, mutable=['batch_stats'])
+    stats = jax.tree.leaves(state['batch_stats'])
+    return jnp.sum(weights * y) + sum(jnp.sum(s ** 2) for s in stats), (y, stats)
+
+  (l1, (y1, s1)), g1 = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+      ours.apply, ours_vars, x)
+  (l2, (y2, s2)), g2 = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+      flax_bn.apply, flax_vars, x)
+  np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(s1, s2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  np.testing.assert_allclose(g1[1], g2[1], rtol=1e-4, atol=1e-5)  # d/dx.
+  for name in ('scale', 'bias'):
+    np.testing.assert_allclose(g1[0]['params'][name], g2[0]['params']['BatchNorm_0'][name],
+                               rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours.apply(ours_vars, x, False), flax_bn.apply(flax_vars, x, False),
+                             rtol=1e-5, atol=1e-6)
