@@ -256,11 +256,11 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                       help='compute dtype of the model and of the matmul peak')
   parser.add_argument('--batch', type=int, default=0,
-                      help='train batch of every case, for the peer too (0: the case\'s, 16)')
+                      help='train batch of every case, for the peer too (default 0: each case\'s own)')
   parser.add_argument('--json', help='also write the records to this file')
   args = parser.parse_args(argv)
   if args.batch < 0:
-    parser.error(f'--batch must be positive, got {args.batch}')
+    parser.error(f'--batch must be 0 (each case\'s own) or positive, got {args.batch}')
   unknown = sorted(set(args.cases.split(',')) - set(CASES))
   if unknown:
     parser.error(f'unknown case(s) {unknown}; the cases are {list(CASES)}')

@@ -63,7 +63,7 @@ def export_model(checkpoint: str, output: str,
   with zipfile.ZipFile(output + '.tmp', 'w', compression=zipfile.ZIP_DEFLATED) as z:
     z.writestr(FUNCTION_FILE, bytes(exported.serialize()))
     z.writestr(CONFIG_FILE, json.dumps(info, indent=2, default=str))
-  os.replace(output + '.tmp', output)  # A failed export leaves an earlier file whole.
+  os.replace(output + '.tmp', output)  # An earlier file stays whole until this point.
   return exported
 
 

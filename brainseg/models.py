@@ -88,6 +88,7 @@ def batch_norm_relu(x, scale, bias, epsilon):
   computes them. The hand-written gradient reads x and dy once for both
   reductions and once for dx; autodiff of the same maths made more passes
   over the activations (a conv + BN + ReLU block's gradient ran 14-20% faster).
+  No forward-mode autodiff (jvp) through it: a custom_vjp allows reverse mode only.
   """
   y, mean, var, _ = _batch_norm_relu_forward(x, scale, bias, epsilon)
   return y, mean, var
@@ -234,5 +235,4 @@ class AttentionUNet(nn.Module):
 
 def count_params(params) -> int:
   """Number of trainable scalars in a params tree."""
-  import jax
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
