@@ -5,14 +5,11 @@ The defaults reproduce the seed project's PyTorch network layer for layer
 per level, 2x2 max-pool, 2x2 stride-2 transposed conv, additive attention gates
 with an inner width of F/2, and a 1x1 head that returns logits.
 
-A few ops are written by hand rather than taken from flax, each because its
-gradient ran much slower on XLA's CPU backend than the same maths written
-another way (results/PERFORMANCE.md): `nn.max_pool` and `nn.ConvTranspose`
-(15-16x, as a reshape and an einsum), the decoder's first conv on a
-concatenation, and BatchNorm + ReLU (one fused backward pass). Tests check
-each matches the library ops.
+Two ops are written by hand rather than with `nn.max_pool` and
+`nn.ConvTranspose`: in a prototype measured before brainseg existed, their
+gradients ran 15-16x slower on XLA's CPU backend than the same maths written
+as a reshape (and an einsum); tests check both match the library ops.
 """
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -80,84 +77,6 @@ class ConcatConv3x3(nn.Module):
     return out + bias.astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_relu(x, scale, bias, epsilon):
-  """relu(BatchNorm(x)) with batch statistics over all but the last axis.
-
-  Returns (y, mean, var), var the biased variance, as `nn.BatchNorm` in training
-  computes them. The hand-written gradient reads x and dy once for both
-  reductions and once for dx; autodiff of the same maths made more passes
-  over the activations (a conv + BN + ReLU block's gradient ran 14-20% faster).
-  No forward-mode autodiff (jvp) through it: a custom_vjp allows reverse mode only.
-  """
-  y, mean, var, _ = _batch_norm_relu_forward(x, scale, bias, epsilon)
-  return y, mean, var
-
-
-def _batch_norm_relu_forward(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axes)
-  var = jnp.maximum(0., jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
-  rstd = lax.rsqrt(var + epsilon)
-  y = jnp.maximum((xf - mean) * (rstd * scale) + bias, 0.).astype(x.dtype)
-  return y, mean, var, rstd
-
-
-def _batch_norm_relu_fwd(x, scale, bias, epsilon):
-  y, mean, var, rstd = _batch_norm_relu_forward(x, scale, bias, epsilon)
-  return (y, mean, var), (x, scale, bias, mean, rstd)
-
-
-def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
-  del epsilon
-  x, scale, bias, mean, rstd = residuals
-  dy, dmean, dvar = cotangents
-  axes = tuple(range(x.ndim - 1))
-  count = x.size // x.shape[-1]
-  x_hat = (x.astype(jnp.float32) - mean) * rstd
-  dz = jnp.where(x_hat * scale + bias > 0, dy.astype(jnp.float32), 0.)  # Through the ReLU.
-  dbias = jnp.sum(dz, axes)
-  dscale = jnp.sum(dz * x_hat, axes)
-  # d/dx of the normalisation (through the batch mean and variance too), plus
-  # the statistics' own cotangents (zero when they only update running averages).
-  dx = (scale * rstd) * (dz - (dbias + x_hat * dscale) / count)
-  dx = dx + (dmean + 2 * dvar * x_hat / rstd) / count
-  return dx.astype(x.dtype), dscale, dbias
-
-
-batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd)
-
-
-class BatchNormReLU(nn.Module):
-  """`relu(nn.BatchNorm(momentum=0.9, epsilon=1e-5)(x))`, same variables and maths.
-
-  Parameters (`scale`, `bias`) and statistics (`batch_stats`: `mean`, `var`)
-  have the names, shapes and initial values of `nn.BatchNorm`'s, so checkpoints
-  of either load into the other. Training uses `batch_norm_relu`'s fused gradient.
-  """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-    if not train:
-      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
-      y = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
-      return nn.relu(y).astype(self.dtype)
-    y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon)
-    if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y.astype(self.dtype)
-
-
 class ConvBlock(nn.Module):
   """Two (3x3 conv with bias -> BatchNorm -> ReLU) layers, as in the seed.
 
@@ -174,7 +93,9 @@ class ConvBlock(nn.Module):
         x = ConcatConv3x3(self.features, self.dtype, name='Conv_0')(x)
       else:
         x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name=f'Conv_{i}')(x)
-      x = BatchNormReLU(dtype=self.dtype, name=f'BatchNorm_{i}')(x, train)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5, dtype=self.dtype)(x)
+      x = nn.relu(x)
     return x
 
 
