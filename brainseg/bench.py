@@ -228,11 +228,11 @@ def format_table(records: List[dict]) -> str:
 
 
 def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[str],
-        patients: int, dtype: str = 'float32') -> Dict:
+        patients: int, dtype: str = 'float32', batch: int = 0) -> Dict:
   peak = matmul_peak_gflops(dtype=dtype)
   records = []
   for name in cases:
-    case = dataclasses.replace(CASES[name], dtype=dtype)
+    case = dataclasses.replace(CASES[name], dtype=dtype, batch=batch or CASES[name].batch)
     step_records, (step, holder) = bench_steps(case, steps, peak)
     records += step_records
     if data_root and os.path.isdir(data_root):
@@ -255,14 +255,18 @@ def main(argv=None):
   parser.add_argument('--patients', type=int, default=20, help='patients decoded for the loader')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                       help='compute dtype of the model and of the matmul peak')
+  parser.add_argument('--batch', type=int, default=0,
+                      help='train batch of every case, for the peer too (default 0: each case\'s own)')
   parser.add_argument('--json', help='also write the records to this file')
   args = parser.parse_args(argv)
+  if args.batch < 0:
+    parser.error(f'--batch must be 0 (each case\'s own) or positive, got {args.batch}')
   unknown = sorted(set(args.cases.split(',')) - set(CASES))
   if unknown:
     parser.error(f'unknown case(s) {unknown}; the cases are {list(CASES)}')
   cli.set_default_xla_flags()
   result = run(args.cases.split(','), args.steps, args.compare_torch, args.data_root,
-               args.patients, args.dtype)
+               args.patients, args.dtype, args.batch)
   print(f'{result["device"]} ({result["backend"]}), {args.dtype} matmul peak '
         f'{result["matmul_peak_gflops"]:.0f} GFLOP/s (the torch peer is always float32)')
   print(format_table(result['records']))

@@ -165,7 +165,8 @@ def scan_with_problems(root: str, check_sizes: bool = True
     DataError: only if the root is missing or holds no patient folders at all.
   """
   if not os.path.isdir(root):
-    raise DataError(f'data root {root!r} is not a folder')
+    raise DataError(f'data root {root!r} is not a folder (point --config.data.root, or '
+                    '--data_root for evaluate, at the kaggle_3m folder; see README, Data)')
   folders = _patient_folders(root)
   if not folders:
     raise DataError(f'data root {root!r} holds no patient folders with '

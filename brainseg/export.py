@@ -18,6 +18,7 @@ channel over the volume's non-zero voxels ('volume') or divided by 255 ('scale')
 then resized to S x S; `brainseg.predict.model_inputs` does exactly that.
 """
 import json
+import os
 import zipfile
 from typing import Sequence
 
@@ -58,9 +59,11 @@ def export_model(checkpoint: str, output: str,
       'platforms': list(platforms),
       'config': config.to_dict(),
   }
-  with zipfile.ZipFile(output, 'w', compression=zipfile.ZIP_DEFLATED) as z:
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with zipfile.ZipFile(output + '.tmp', 'w', compression=zipfile.ZIP_DEFLATED) as z:
     z.writestr(FUNCTION_FILE, bytes(exported.serialize()))
     z.writestr(CONFIG_FILE, json.dumps(info, indent=2, default=str))
+  os.replace(output + '.tmp', output)  # An earlier file stays whole until this point.
   return exported
 
 

@@ -13,6 +13,7 @@ as a reshape (and an einsum); tests check both match the library ops.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -155,5 +156,4 @@ class AttentionUNet(nn.Module):
 
 def count_params(params) -> int:
   """Number of trainable scalars in a params tree."""
-  import jax
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

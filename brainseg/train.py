@@ -375,7 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = checkpointing.restore_latest(manager, state, train_iter)
   start_step = int(state.step)
   if start_step:
-    logging.info('Resumed from step %d (best val Dice so far %.4f)', start_step, best.value)
+    logging.info('Resumed from step %d (best val Dice so far: %s)', start_step,
+                 f'{best.value:.4f}' if best.value >= 0 else 'none yet')
   if start_step >= num_steps:
     logging.info('The run in %s is already complete (%d steps); nothing to train.', workdir,
                  num_steps)

@@ -21,8 +21,9 @@ declare -A variants=(
   [no_augmentation]='--config.augment.enabled=False'
   [no_adamw_cosine]='--config.optimizer=adam --config.learning_rate=1e-4 --config.weight_decay=0.0 --config.schedule=constant --config.warmup_steps=0'
 )
-for name in full no_mri_volume_norm no_dice_loss no_tumour_oversampling no_augmentation \
-            no_adamw_cosine; do
+order=(full no_mri_volume_norm no_dice_loss no_tumour_oversampling no_augmentation
+       no_adamw_cosine)
+for name in "${order[@]}"; do
   if [[ -f "$out/$name/metrics.json" ]]; then continue; fi
   start=$(date +%s)
   # shellcheck disable=SC2086  # The variant's flags are meant to split.
@@ -40,4 +41,4 @@ for name in full no_mri_volume_norm no_dice_loss no_tumour_oversampling no_augme
   cp "$root/$name/val/metrics.json" "$root/$name/train_seconds" "$root/$name/config.json" \
       "$out/$name/"
 done
-python3 -m brainseg.ablation_table "$out" "${!variants[@]}"
+python3 -m brainseg.ablation_table "$out" "${order[@]}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces results/reference: train configs/cpu.py on the seed split, evaluate the
-# best-on-val checkpoint on the test split, plot, and copy the small artefacts.
+# best-on-val checkpoint on the test split, plot, and copy the small artefacts into
+# results/reference, replacing the committed ones.
 #   launch/reference_cpu.sh [WORKDIR] [--config.x=y ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ start=$(date +%s)
 python3 -m brainseg.main --config configs/cpu.py --workdir "$workdir" "$@"
 echo "training wall time: $(( $(date +%s) - start )) s"
 python3 -m brainseg.evaluate --workdir "$workdir" --split test --output "$out" --overlays 6
-python3 -m brainseg.evaluate --workdir "$workdir" --split val --output "$out/val"
+python3 -m brainseg.evaluate --workdir "$workdir" --split val --postprocess none --output "$out/val"
 python3 -m brainseg.visualize --workdir "$workdir" --output "$out"
 rm -rf "$out/best" && cp -r "$workdir/best" "$out/best"
 cp "$workdir/metrics.jsonl" "$workdir/config.json" "$out/"

@@ -7,7 +7,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-SHARED_DATA = os.path.join(REPO, '..', 'shared', 'data')
+# The folder holding kaggle_3m/ and seed_split.json; BRAINSEG_TEST_DATA points elsewhere.
+SHARED_DATA = os.environ.get('BRAINSEG_TEST_DATA', os.path.join(REPO, '..', 'shared', 'data'))
 REAL_ROOT = os.path.join(SHARED_DATA, 'kaggle_3m')
 # One XLA compilation cache for every CLI subprocess of a test session: they
 # compile the same tiny-model steps, and compiling dominates their run time.

@@ -9,7 +9,7 @@ def test_bench_runs_on_a_tiny_case(tmp_path, monkeypatch, tiny_root):
   monkeypatch.setitem(bench.CASES, 'tiny', bench.Case('tiny', 32, 'mri', 4, 'configs.tiny'))
   out = tmp_path / 'bench.json'
   bench.main(['--cases', 'tiny', '--steps', '2', '--data-root', tiny_root, '--patients', '2',
-              '--json', str(out)])
+              '--batch', '2', '--json', str(out)])
   result = json.load(open(out))
   assert result['matmul_peak_gflops'] > 0
   modes = {r['mode']: r for r in result['records']}
@@ -17,6 +17,7 @@ def test_bench_runs_on_a_tiny_case(tmp_path, monkeypatch, tiny_root):
   for record in result['records']:
     assert {'case', 'mode', 'impl', 'images_per_sec'} <= set(record)
     assert record['images_per_sec'] > 0 and record['impl'] == 'brainseg'
+  assert modes['train']['batch'] == modes['loader']['batch'] == 2  # --batch overrides the case's 4.
   for mode in ('train', 'eval'):
     assert modes[mode]['gflops_per_sec'] > 0 and 0 < modes[mode]['peak_fraction']
   assert 'end_to_end' in bench.format_table(result['records'])

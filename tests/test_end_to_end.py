@@ -290,7 +290,7 @@ def test_predictor_compiles_once(trained):
 
 def test_exported_model_matches_the_checkpoint_in_a_fresh_process(trained, tmp_path):
   _, workdir = trained
-  path = tmp_path / 'model.zip'
+  path = tmp_path / 'new_folder' / 'model.zip'  # export makes the folder.
   _run([sys.executable, '-m', 'brainseg.export', '--checkpoint', str(workdir),
         '--output', str(path), '--platforms', 'cpu'])
   images = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype(np.float32)
