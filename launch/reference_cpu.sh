@@ -11,6 +11,7 @@ out=results/reference
 start=$(date +%s)
 python3 -m brainseg.main --config configs/cpu.py --workdir "$workdir" "$@"
 echo "training wall time: $(( $(date +%s) - start )) s"
+rm -f "$out"/overlay_*.png  # The overlays name their patients; drop the last run's.
 python3 -m brainseg.evaluate --workdir "$workdir" --split test --output "$out" --overlays 6
 python3 -m brainseg.evaluate --workdir "$workdir" --split val --postprocess none --output "$out/val"
 python3 -m brainseg.visualize --workdir "$workdir" --output "$out"
