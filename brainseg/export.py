@@ -18,7 +18,6 @@ channel over the volume's non-zero voxels ('volume') or divided by 255 ('scale')
 then resized to S x S; `brainseg.predict.model_inputs` does exactly that.
 """
 import json
-import os
 import zipfile
 from typing import Sequence
 
@@ -31,6 +30,7 @@ from brainseg import checkpointing
 from brainseg import cli
 from brainseg import input_pipeline
 from brainseg import train
+from brainseg import writers
 
 FUNCTION_FILE = 'model.jaxexport'
 CONFIG_FILE = 'config.json'
@@ -59,11 +59,10 @@ def export_model(checkpoint: str, output: str,
       'platforms': list(platforms),
       'config': config.to_dict(),
   }
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with zipfile.ZipFile(output + '.tmp', 'w', compression=zipfile.ZIP_DEFLATED) as z:
+  with writers.atomic_path(output) as tmp, zipfile.ZipFile(
+      tmp, 'w', compression=zipfile.ZIP_DEFLATED) as z:
     z.writestr(FUNCTION_FILE, bytes(exported.serialize()))
     z.writestr(CONFIG_FILE, json.dumps(info, indent=2, default=str))
-  os.replace(output + '.tmp', output)  # An earlier file stays whole until this point.
   return exported
 
 

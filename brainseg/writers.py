@@ -5,6 +5,7 @@ imported here, when a run starts, so `import brainseg` stays light.
 `metrics.jsonl` gets one JSON object per logged step, holding every scalar
 written at that step (train loss, learning rate, val metrics, timings).
 """
+import contextlib
 import json
 import os
 from typing import Any, Dict, Mapping
@@ -83,14 +84,19 @@ def _flatten_hparams(tree: Dict[str, Any]) -> Dict[str, Any]:
           for key, value in traverse_util.flatten_dict(tree, sep='.').items()}
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path to write; renamed to `path` only once the block ends
+  without error, so `path` is never half-written (an earlier file stays whole)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  yield path + '.tmp'
+  os.replace(path + '.tmp', path)
+
 
 def write_json_atomically(path: str, value: Any, sort_keys: bool = False) -> None:
-  """Writes `value` as JSON through a temporary file and a rename, so that `path`
-  is never half-written, even if the process is killed while writing."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
+  """Writes `value` as JSON through `atomic_path`."""
+  with atomic_path(path) as tmp, open(tmp, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=sort_keys)
-  os.replace(path + '.tmp', path)
 
 
 def read_jsonl(path: str):
