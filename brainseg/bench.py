@@ -122,8 +122,9 @@ def train_step_setup(case: Case):
   config = _config(case)
   mesh = parallel.create_mesh()
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(case.batch, *train.input_shape(config))).astype(np.float32),
-           'mask': (rng.random((case.batch, case.size, case.size, 1)) > 0.9).astype(np.float32)}
+  shape = train.input_shape(config, training=True)
+  batch = {'image': rng.normal(size=(case.batch, *shape)).astype(np.float32),
+           'mask': (rng.random((case.batch, *shape[:2], 1)) > 0.9).astype(np.float32)}
   batch = parallel.to_global(batch, mesh)
   state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0), 100),
                          parallel.replicated(mesh))

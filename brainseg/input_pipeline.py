@@ -192,6 +192,58 @@ class Augment(grain.transforms.RandomMap):
     return scipy.ndimage.affine_transform(x, matrix, offset, order=1, mode='nearest')
 
 
+def crop_window(crop_size: int, image_size: int, augment: ml_collections.ConfigDict) -> int:
+  """Side of the square cut before augmentation, so a crop_size square still fits after.
+
+  Rotating by up to rotate_deg and zooming out to 1 - scale needs a source square of
+  crop_size * (|cos| + |sin|) / (1 - scale); augmenting that window, then cutting its
+  centre, leaves no smeared border in the crop.
+  """
+  if not augment.enabled:
+    return crop_size
+  angle = np.deg2rad(augment.rotate_deg)
+  needed = crop_size * (abs(np.cos(angle)) + abs(np.sin(angle))) / (1 - augment.scale)
+  return min(image_size, int(math.ceil(needed)))
+
+
+class TumourCrop(grain.transforms.RandomMap):
+  """Cuts a random `size` square; on a tumour slice, one that holds some tumour.
+
+  Training on crops of full-resolution slices keeps the compute of a small input
+  while the model sees lesions at their native scale. On a tumour slice a tumour
+  pixel is drawn first and the square is placed uniformly among those that hold it,
+  so tumour slices stay tumour slices (the oversampling means what it says).
+  """
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def random_map(self, element: Dict[str, np.ndarray], rng: np.random.Generator):
+    image, mask = element['image'], element['mask']
+    height, width = image.shape[:2]
+    tumour = np.argwhere(mask[..., 0] > 0.5)
+    corner = []
+    for axis, extent in enumerate((height, width)):
+      last = extent - self.size
+      if len(tumour):
+        centre = tumour[rng.integers(len(tumour))][axis]
+        low, high = max(0, centre - self.size + 1), min(last, centre)
+      else:
+        low, high = 0, last
+      corner.append(int(rng.integers(low, high + 1)))
+    (top, left), size = corner, self.size
+    return {'image': image[top:top + size, left:left + size],
+            'mask': mask[top:top + size, left:left + size]}
+
+
+def centre_crop(element: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+  """The central size x size square of every (H, W, C) field."""
+  def cut(x):
+    top, left = (x.shape[0] - size) // 2, (x.shape[1] - size) // 2
+    return np.ascontiguousarray(x[top:top + size, left:left + size])
+  return {key: cut(value) for key, value in element.items()}
+
+
 def train_dataset(arrays: SliceArrays, config: ml_collections.ConfigDict,
                   local_batch_size: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
@@ -202,10 +254,17 @@ def train_dataset(arrays: SliceArrays, config: ml_collections.ConfigDict,
              .shuffle()
              .repeat(None))
   dataset = dataset.map(lambda i: {'image': arrays.images[i], 'mask': arrays.masks[i]})
+  # Random steps come before the process slice, so each element's rng comes from
+  # its global index and hosts do not repeat each other's crops or augmentations.
+  # All steps are lazy.
+  crop = config.data.crop_size
+  if crop:
+    window = crop_window(crop, config.data.image_size, config.augment)
+    dataset = dataset.random_map(TumourCrop(window))
   if config.augment.enabled:
-    # Before the process slice, so each element's rng comes from its global index
-    # and hosts do not repeat each other's augmentations. Both steps are lazy.
     dataset = dataset.random_map(Augment(config.augment))
+  if crop and window > crop:
+    dataset = dataset.map(lambda element: centre_crop(element, crop))
   dataset = dataset[process_index::process_count]
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
   return dataset.to_iter_dataset(grain.ReadOptions(

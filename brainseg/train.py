@@ -56,8 +56,11 @@ def create_model(config: ml_collections.ConfigDict) -> models.AttentionUNet:
                               dtype=jnp.dtype(config.model.dtype))
 
 
-def input_shape(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+def input_shape(config: ml_collections.ConfigDict, training: bool = False) -> Tuple[int, int, int]:
+  """One slice as the model sees it: a crop in training when data.crop_size is set."""
   size = config.data.image_size
+  if training and config.data.get('crop_size', 0):
+    size = config.data.crop_size
   return (size, size, input_pipeline.CHANNELS[config.data.channels])
 
 
@@ -235,9 +238,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config eval_batch_size={config.eval_batch_size} must be a positive '
                      f'multiple of the device count ({n_dev})')
   depth = max(len(config.model.features), 1)
-  if config.data.image_size % (2 ** (depth - 1)):
-    raise ValueError(f'config data.image_size={config.data.image_size} must be divisible by '
-                     f'2**(depth-1)={2 ** (depth - 1)} for {depth} levels of model.features')
+  for name in ('image_size', 'crop_size'):
+    if config.data[name] % (2 ** (depth - 1)):
+      raise ValueError(f'config data.{name}={config.data[name]} must be divisible by '
+                       f'2**(depth-1)={2 ** (depth - 1)} for {depth} levels of model.features')
+  if not 0 <= config.data.crop_size <= config.data.image_size:
+    raise ValueError(f'config data.crop_size={config.data.crop_size} must be 0 (no crop) or at '
+                     f'most data.image_size={config.data.image_size}')
+  if config.augment.enabled and not 0 <= config.augment.scale < 1:
+    raise ValueError(f'config augment.scale must be in [0, 1), got {config.augment.scale}')
   for name, value, allowed in (('data.channels', config.data.channels, input_pipeline.CHANNELS),
                                ('data.normalization', config.data.normalization,
                                 input_pipeline.NORMALIZATIONS),

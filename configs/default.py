@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.split_fractions = (0.8, 0.1, 0.1)  # train/val/test, when split_file is ''.
   config.data.split_seed = 0
   config.data.image_size = 256  # What the model sees; metrics stay at the masks' size.
+  config.data.crop_size = 0  # > 0: train on random crops this size of image_size slices.
   config.data.channels = 'gray'  # 'gray' (PIL 'L', as the seed) or 'mri' (the 3 MR sequences).
   config.data.normalization = 'scale'  # 'scale' (/255) or 'volume' (z-score per patient).
   config.data.tumour_fraction = 0.0  # Oversample tumour slices toward this share; 0: natural.

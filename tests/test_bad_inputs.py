@@ -156,6 +156,13 @@ def test_bad_settings_are_named_before_reading_data():
   config.data.image_size = 30
   with pytest.raises(ValueError, match='data.image_size=30 must be divisible by'):
     train.validate_config(config)
+  config = tiny.get_config()
+  config.data.crop_size = 64
+  with pytest.raises(ValueError, match='data.crop_size=64 must be 0 .* at most data.image_size=32'):
+    train.validate_config(config)
+  config.data.crop_size = 10
+  with pytest.raises(ValueError, match='data.crop_size=10 must be divisible by'):
+    train.validate_config(config)
 
 
 def test_unwritable_workdir_is_named(tmp_path):

@@ -103,6 +103,46 @@ def test_augmentation_moves_image_and_mask_together():
       np.testing.assert_allclose(out['image'][..., c], out['mask'][..., 0], atol=1e-6)
 
 
+def test_tumour_crop_holds_tumour_and_is_placed_uniformly():
+  rng = np.random.default_rng(0)
+  mask = np.zeros((64, 64, 1), np.float32)
+  mask[40:44, 50:52] = 1
+  element = {'image': np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3), 'mask': mask}
+  crop = input_pipeline.TumourCrop(16)
+  corners = set()
+  for _ in range(50):
+    out = crop.random_map(element, rng)
+    assert out['image'].shape == (16, 16, 3) and out['mask'].shape == (16, 16, 1)
+    assert out['mask'].sum() > 0
+    top, left = np.argwhere(element['image'][..., 0] == out['image'][0, 0, 0])[0]
+    np.testing.assert_array_equal(out['mask'], mask[top:top + 16, left:left + 16])
+    corners.add((top, left))
+  assert len(corners) > 10  # Not always the same square around the lesion.
+  empty = {'image': element['image'], 'mask': np.zeros_like(mask)}
+  tops = [np.argwhere(element['image'][..., 0] == crop.random_map(empty, rng)['image'][0, 0, 0])[0][0]
+          for _ in range(50)]
+  assert min(tops) < 16 and max(tops) > 32  # Anywhere on a slice without tumour.
+
+
+def test_crop_window_leaves_room_for_rotation_and_zoom():
+  augment = ml_collections.ConfigDict(dict(enabled=True, rotate_deg=10.0, scale=0.1))
+  assert input_pipeline.crop_window(128, 256, augment) == 165  # 128 * 1.158 / 0.9
+  assert input_pipeline.crop_window(128, 140, augment) == 140
+  augment.enabled = False
+  assert input_pipeline.crop_window(128, 256, augment) == 128
+
+
+def test_train_batches_are_crops_when_crop_size_is_set(tiny_root):
+  arrays = _arrays(tiny_root)
+  config = _config()
+  config.data.crop_size = 16
+  batches = [b for _, b in zip(range(4), input_pipeline.train_dataset(arrays, config, 4))]
+  assert {b['image'].shape for b in batches} == {(4, 16, 16, 3)}
+  assert {b['mask'].shape for b in batches} == {(4, 16, 16, 1)}
+  again = next(iter(input_pipeline.train_dataset(arrays, config, 4)))
+  np.testing.assert_array_equal(again['image'], batches[0]['image'])
+
+
 @pytest.mark.parametrize('processes', [1, 3])
 def test_eval_visits_every_slice_once(tiny_root, processes):
   arrays = _arrays(tiny_root)
