@@ -48,10 +48,11 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
                         for d in (train_dir(workdir), best_dir(workdir)))
   if has_checkpoints and os.path.exists(path) and not config.get('allow_config_change'):
     with open(path) as f:
-      old = traverse_util.flatten_dict(json.load(f), sep='.')
+      # A field added to brainseg since the run started counts at its default,
+      # which is what the run used.
+      old = json.loads(with_current_defaults(json.load(f)).to_json_best_effort())
+    old = traverse_util.flatten_dict(old, sep='.')
     flat_new = traverse_util.flatten_dict(new, sep='.')
-    # Only settings both configs have: a field added to brainseg since the run
-    # started kept its default, which is what the run used.
     changed = sorted(k for k in set(old) & set(flat_new)
                      if old[k] != flat_new[k] and k not in RESUME_SAFE_FIELDS)
     if changed:

@@ -94,6 +94,9 @@ def load_or_make_folds(workdir: str, patients: List[str], num_folds: int, seed: 
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
+    if 'recipe' in saved['settings']:  # Fields added to brainseg since count at their defaults.
+      saved['settings']['recipe'] = recipe(checkpointing.with_current_defaults(
+          traverse_util.unflatten_dict(saved['settings']['recipe'], sep='.')))
     changed = [k for k in settings if saved['settings'].get(k) != settings[k]]
     if changed:
       old = saved['settings'].get('recipe', {})

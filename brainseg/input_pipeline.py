@@ -156,14 +156,25 @@ def oversampled_indices(has_tumour: np.ndarray, tumour_fraction: float) -> np.nd
 
 
 class Augment(grain.transforms.RandomMap):
-  """Random flips, rotation, scaling and intensity jitter of one training slice."""
+  """Random flips, rotation, scaling and intensity jitter of one training slice,
+  and, when `crop_size` > 0, a random crop of the result.
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.flip_lr = config.flip_lr
-    self.flip_ud = config.flip_ud
-    self.rotate_deg = config.rotate_deg
-    self.scale = config.scale
-    self.intensity = config.intensity
+  The crop is cut from the augmented slice by the same resampling that rotates and
+  scales it (one `affine_transform` with a crop-sized output), so it costs what a
+  crop-sized slice costs and nothing outside the slice is smeared into it. On a
+  tumour slice one tumour pixel is drawn and the crop is placed uniformly among the
+  squares that hold where it lands, so a tumour slice stays a tumour slice (the
+  oversampling means what it says) unless rotation moves that pixel off the slice.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, crop_size: int = 0):
+    enabled = config.get('enabled', True)
+    self.flip_lr = enabled and config.flip_lr
+    self.flip_ud = enabled and config.flip_ud
+    self.rotate_deg = config.rotate_deg if enabled else 0.0
+    self.scale = config.scale if enabled else 0.0
+    self.intensity = config.intensity if enabled else 0.0
+    self.crop_size = crop_size
 
   def random_map(self, element: Dict[str, np.ndarray], rng: np.random.Generator):
     image, mask = element['image'], element['mask']
@@ -171,10 +182,16 @@ class Augment(grain.transforms.RandomMap):
       image, mask = image[:, ::-1], mask[:, ::-1]
     if self.flip_ud and rng.random() < 0.5:
       image, mask = image[::-1], mask[::-1]
-    if self.rotate_deg or self.scale:
-      angle = np.deg2rad(rng.uniform(-self.rotate_deg, self.rotate_deg))
-      zoom = rng.uniform(1 - self.scale, 1 + self.scale)
-      image, mask = self._affine(image, angle, zoom), self._affine(mask, angle, zoom)
+    warp = self._warp_matrix(rng)
+    size = image.shape[0]
+    corner = (self._crop_corner(mask, warp, rng) if self.crop_size
+              else np.zeros(2, int))
+    out = self.crop_size or size
+    if warp is not None:
+      image, mask = self._resample(image, warp, corner, out), self._resample(mask, warp, corner, out)
+    else:
+      (top, left) = corner
+      image, mask = image[top:top + out, left:left + out], mask[top:top + out, left:left + out]
     if self.intensity:
       gain = 1 + rng.uniform(-self.intensity, self.intensity, size=image.shape[-1])
       shift = rng.uniform(-self.intensity, self.intensity, size=image.shape[-1])
@@ -182,66 +199,45 @@ class Augment(grain.transforms.RandomMap):
     return {'image': np.ascontiguousarray(image, np.float32),
             'mask': np.ascontiguousarray(np.clip(mask, 0, 1), np.float32)}
 
-  @staticmethod
-  def _affine(x: np.ndarray, angle: float, zoom: float) -> np.ndarray:
-    """Rotates by `angle` and scales by `zoom` about the centre (H, W, C)."""
+  def _warp_matrix(self, rng: np.random.Generator):
+    """The 2x2 map from output to input coordinates about the centre; None for identity."""
+    if not (self.rotate_deg or self.scale):
+      return None
+    angle = np.deg2rad(rng.uniform(-self.rotate_deg, self.rotate_deg))
+    zoom = rng.uniform(1 - self.scale, 1 + self.scale)
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    matrix = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
-    centre = (np.array(x.shape) - 1) / 2
-    offset = centre - matrix @ centre
-    return scipy.ndimage.affine_transform(x, matrix, offset, order=1, mode='nearest')
+    return np.array([[cos, -sin], [sin, cos]])
 
+  def _crop_corner(self, mask: np.ndarray, warp, rng: np.random.Generator) -> np.ndarray:
+    """Top-left corner, in the augmented slice, of a crop holding tumour if there is any."""
+    size = mask.shape[0]
+    last = size - self.crop_size
+    tumour = np.argwhere(mask[..., 0] > 0)
+    if not len(tumour):
+      return rng.integers(0, last + 1, size=2)
+    pixel = tumour[rng.integers(len(tumour))].astype(float)
+    if warp is not None:  # Where the augmentation moves that pixel.
+      centre = (size - 1) / 2
+      pixel = np.linalg.solve(warp, pixel - centre) + centre
+    pixel = np.clip(np.round(pixel).astype(int), 0, size - 1)
+    low = np.maximum(0, pixel - self.crop_size + 1)
+    high = np.minimum(last, pixel)
+    return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high)])
 
-def crop_window(crop_size: int, image_size: int, augment: ml_collections.ConfigDict) -> int:
-  """Side of the square cut before augmentation, so a crop_size square still fits after.
+  @staticmethod
+  def _resample(x: np.ndarray, warp: np.ndarray, corner: np.ndarray, out: int) -> np.ndarray:
+    """The out x out square at `corner` of x (H, W, C) rotated and scaled about its centre.
 
-  Rotating by up to rotate_deg and zooming out to 1 - scale needs a source square of
-  crop_size * (|cos| + |sin|) / (1 - scale); augmenting that window, then cutting its
-  centre, leaves no smeared border in the crop.
-  """
-  if not augment.enabled:
-    return crop_size
-  angle = np.deg2rad(augment.rotate_deg)
-  needed = crop_size * (abs(np.cos(angle)) + abs(np.sin(angle))) / (1 - augment.scale)
-  return min(image_size, int(math.ceil(needed)))
-
-
-class TumourCrop(grain.transforms.RandomMap):
-  """Cuts a random `size` square; on a tumour slice, one that holds some tumour.
-
-  Training on crops of full-resolution slices keeps the compute of a small input
-  while the model sees lesions at their native scale. On a tumour slice a tumour
-  pixel is drawn first and the square is placed uniformly among those that hold it,
-  so tumour slices stay tumour slices (the oversampling means what it says).
-  """
-
-  def __init__(self, size: int):
-    self.size = size
-
-  def random_map(self, element: Dict[str, np.ndarray], rng: np.random.Generator):
-    image, mask = element['image'], element['mask']
-    height, width = image.shape[:2]
-    tumour = np.argwhere(mask[..., 0] > 0.5)
-    corner = []
-    for axis, extent in enumerate((height, width)):
-      last = extent - self.size
-      if len(tumour):
-        centre = tumour[rng.integers(len(tumour))][axis]
-        low, high = max(0, centre - self.size + 1), min(last, centre)
-      else:
-        low, high = 0, last
-      corner.append(int(rng.integers(low, high + 1)))
-    (top, left), size = corner, self.size
-    return {'image': image[top:top + size, left:left + size],
-            'mask': mask[top:top + size, left:left + size]}
-
-
-def centre_crop(element: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
-  """The central size x size square of every (H, W, C) field."""
-  def cut(x):
-    top, left = (x.shape[0] - size) // 2, (x.shape[1] - size) // 2
-    return np.ascontiguousarray(x[top:top + size, left:left + size])
-  return {key: cut(value) for key, value in element.items()}
+    Output pixel u of the whole warped slice reads input warp @ (u - c) + c; the crop's
+    pixel v is the slice's pixel v + corner.
+    """
+    centre = (x.shape[0] - 1) / 2
+    matrix = np.eye(3)
+    matrix[:2, :2] = warp
+    offset = np.zeros(3)
+    offset[:2] = warp @ (corner - centre) + centre
+    return scipy.ndimage.affine_transform(x, matrix, offset, output_shape=(out, out, x.shape[2]),
+                                          order=1, mode='nearest')
 
 
 def train_dataset(arrays: SliceArrays, config: ml_collections.ConfigDict,
@@ -254,17 +250,10 @@ def train_dataset(arrays: SliceArrays, config: ml_collections.ConfigDict,
              .shuffle()
              .repeat(None))
   dataset = dataset.map(lambda i: {'image': arrays.images[i], 'mask': arrays.masks[i]})
-  # Random steps come before the process slice, so each element's rng comes from
-  # its global index and hosts do not repeat each other's crops or augmentations.
-  # All steps are lazy.
-  crop = config.data.crop_size
-  if crop:
-    window = crop_window(crop, config.data.image_size, config.augment)
-    dataset = dataset.random_map(TumourCrop(window))
-  if config.augment.enabled:
-    dataset = dataset.random_map(Augment(config.augment))
-  if crop and window > crop:
-    dataset = dataset.map(lambda element: centre_crop(element, crop))
+  if config.augment.enabled or config.data.crop_size:
+    # Before the process slice, so each element's rng comes from its global index
+    # and hosts do not repeat each other's augmentations. Both steps are lazy.
+    dataset = dataset.random_map(Augment(config.augment, config.data.crop_size))
   dataset = dataset[process_index::process_count]
   dataset = dataset.batch(local_batch_size, drop_remainder=True)
   return dataset.to_iter_dataset(grain.ReadOptions(

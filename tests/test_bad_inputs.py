@@ -7,6 +7,8 @@ import pytest
 import tifffile
 
 from brainseg import check_data
+from brainseg import checkpointing
+from brainseg import cv
 from brainseg import data
 from brainseg import input_pipeline
 from brainseg import train
@@ -170,3 +172,33 @@ def test_unwritable_workdir_is_named(tmp_path):
   blocker.write_text('')
   with pytest.raises(ValueError, match=r'workdir .*a_file/run is not writable'):
     train.prepare_workdir(str(blocker / 'run'))
+
+
+def _saved_before_crop_size_existed(config) -> dict:
+  saved = json.loads(config.to_json_best_effort())
+  del saved['data']['crop_size']
+  return saved
+
+
+def test_resume_counts_fields_added_since_at_their_defaults(tmp_path):
+  config = tiny.get_config()
+  os.makedirs(tmp_path / 'checkpoints' / '1')
+  (tmp_path / 'config.json').write_text(json.dumps(_saved_before_crop_size_existed(config)))
+  checkpointing.check_workdir_config(str(tmp_path), config)  # crop_size 0: what the run used.
+  (tmp_path / 'config.json').write_text(json.dumps(_saved_before_crop_size_existed(config)))
+  config.data.crop_size = 16
+  with pytest.raises(ValueError, match=r'another config \(data.crop_size: 0 -> 16\)'):
+    checkpointing.check_workdir_config(str(tmp_path), config)
+
+
+def test_cv_folds_count_fields_added_since_at_their_defaults(tmp_path):
+  config = tiny.get_config()
+  patients = [f'TCGA_CS_{i:04d}_20000101' for i in range(10)]
+  cv.load_or_make_folds(str(tmp_path), patients, 2, 0, 4, config)
+  folds = json.loads((tmp_path / 'folds.json').read_text())
+  del folds['settings']['recipe']['data.crop_size']
+  (tmp_path / 'folds.json').write_text(json.dumps(folds))
+  assert cv.load_or_make_folds(str(tmp_path), patients, 2, 0, 4, config) == folds['splits']
+  config.data.crop_size = 16
+  with pytest.raises(ValueError, match=r'other recipe \(config: data.crop_size\)'):
+    cv.load_or_make_folds(str(tmp_path), patients, 2, 0, 4, config)

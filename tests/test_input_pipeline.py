@@ -103,33 +103,53 @@ def test_augmentation_moves_image_and_mask_together():
       np.testing.assert_allclose(out['image'][..., c], out['mask'][..., 0], atol=1e-6)
 
 
-def test_tumour_crop_holds_tumour_and_is_placed_uniformly():
+def _augment_config(**changes):
+  config = ml_collections.ConfigDict(dict(enabled=True, flip_lr=True, flip_ud=True,
+                                          rotate_deg=10.0, scale=0.1, intensity=0.0))
+  config.update(changes)
+  return config
+
+
+def test_crop_is_the_square_of_the_augmented_slice():
   rng = np.random.default_rng(0)
+  element = {'image': rng.normal(size=(48, 48, 2)).astype(np.float32),
+             'mask': np.zeros((48, 48, 1), np.float32)}
+  for seed in range(5):
+    whole = input_pipeline.Augment(_augment_config()).random_map(
+        element, np.random.default_rng(seed))['image']
+    crop = input_pipeline.Augment(_augment_config(), crop_size=16).random_map(
+        element, np.random.default_rng(seed))['image']
+    assert crop.shape == (16, 16, 2)
+    matches = [(t, l) for t in range(33) for l in range(33)
+               if np.allclose(whole[t:t + 16, l:l + 16], crop, atol=1e-5)]
+    assert len(matches) == 1
+
+
+@pytest.mark.parametrize('augment', [_augment_config(), _augment_config(enabled=False)])
+def test_crop_of_a_tumour_slice_holds_tumour(augment):
+  rng = np.random.default_rng(1)
   mask = np.zeros((64, 64, 1), np.float32)
-  mask[40:44, 50:52] = 1
-  element = {'image': np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3), 'mask': mask}
-  crop = input_pipeline.TumourCrop(16)
+  mask[14:16, 14:17] = 1  # Two lesions far apart: the crop must hold one of them whole
+  mask[47:50, 45:47] = 1  # in both axes, not a row of one and a column of the other.
+  element = {'image': np.repeat(mask, 3, axis=-1), 'mask': mask}
+  crop = input_pipeline.Augment(augment, crop_size=16)
   corners = set()
-  for _ in range(50):
+  for _ in range(200):
     out = crop.random_map(element, rng)
-    assert out['image'].shape == (16, 16, 3) and out['mask'].shape == (16, 16, 1)
-    assert out['mask'].sum() > 0
-    top, left = np.argwhere(element['image'][..., 0] == out['image'][0, 0, 0])[0]
-    np.testing.assert_array_equal(out['mask'], mask[top:top + 16, left:left + 16])
-    corners.add((top, left))
-  assert len(corners) > 10  # Not always the same square around the lesion.
-  empty = {'image': element['image'], 'mask': np.zeros_like(mask)}
-  tops = [np.argwhere(element['image'][..., 0] == crop.random_map(empty, rng)['image'][0, 0, 0])[0][0]
-          for _ in range(50)]
-  assert min(tops) < 16 and max(tops) > 32  # Anywhere on a slice without tumour.
+    assert out['mask'].shape == (16, 16, 1) and out['mask'].max() > 0
+    np.testing.assert_allclose(out['image'][..., 0], out['mask'][..., 0], atol=1e-6)
+    corners.add(tuple(np.argwhere(out['mask'][..., 0] > 0)[0]))
+  assert len(corners) > 20  # The lesion lands anywhere in the crop, not always one place.
 
 
-def test_crop_window_leaves_room_for_rotation_and_zoom():
-  augment = ml_collections.ConfigDict(dict(enabled=True, rotate_deg=10.0, scale=0.1))
-  assert input_pipeline.crop_window(128, 256, augment) == 165  # 128 * 1.158 / 0.9
-  assert input_pipeline.crop_window(128, 140, augment) == 140
-  augment.enabled = False
-  assert input_pipeline.crop_window(128, 256, augment) == 128
+def test_crop_of_an_empty_slice_reaches_every_border():
+  rng = np.random.default_rng(2)
+  image = np.arange(32 * 32, dtype=np.float32).reshape(32, 32, 1)
+  element = {'image': image, 'mask': np.zeros((32, 32, 1), np.float32)}
+  crop = input_pipeline.Augment(_augment_config(enabled=False), crop_size=8)
+  tops, lefts = zip(*[divmod(int(crop.random_map(element, rng)['image'][0, 0, 0]), 32)
+                      for _ in range(400)])
+  assert set(tops) == set(lefts) == set(range(25))
 
 
 def test_train_batches_are_crops_when_crop_size_is_set(tiny_root):
