@@ -163,8 +163,10 @@ class Augment(grain.transforms.RandomMap):
   scales it (one `affine_transform` with a crop-sized output), so it costs what a
   crop-sized slice costs and nothing outside the slice is smeared into it. On a
   tumour slice one tumour pixel is drawn and the crop is placed uniformly among the
-  squares that hold where it lands, so a tumour slice stays a tumour slice (the
-  oversampling means what it says) unless rotation moves that pixel off the slice.
+  squares that hold where it lands (among the tumour pixels the rotation and zoom
+  keep on the slice), so a tumour slice stays a tumour slice and the oversampling
+  means what it says. (That holds for zooms above 0.71, augment.scale < 0.29: the
+  crop pixel nearest the landing point then always takes a share of the tumour pixel.)
   """
 
   def __init__(self, config: ml_collections.ConfigDict, crop_size: int = 0):
@@ -212,14 +214,16 @@ class Augment(grain.transforms.RandomMap):
     """Top-left corner, in the augmented slice, of a crop holding tumour if there is any."""
     size = mask.shape[0]
     last = size - self.crop_size
-    tumour = np.argwhere(mask[..., 0] > 0)
+    tumour = np.argwhere(mask[..., 0] > 0).astype(float)
     if not len(tumour):
       return rng.integers(0, last + 1, size=2)
-    pixel = tumour[rng.integers(len(tumour))].astype(float)
-    if warp is not None:  # Where the augmentation moves that pixel.
+    if warp is not None:  # Where the augmentation moves each tumour pixel.
       centre = (size - 1) / 2
-      pixel = np.linalg.solve(warp, pixel - centre) + centre
-    pixel = np.clip(np.round(pixel).astype(int), 0, size - 1)
+      tumour = np.linalg.solve(warp, (tumour - centre).T).T + centre
+    tumour = np.round(tumour).astype(int)
+    on_slice = ((tumour >= 0) & (tumour < size)).all(axis=1)
+    tumour = tumour[on_slice] if on_slice.any() else np.clip(tumour, 0, size - 1)
+    pixel = tumour[rng.integers(len(tumour))]
     low = np.maximum(0, pixel - self.crop_size + 1)
     high = np.minimum(last, pixel)
     return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high)])

@@ -105,7 +105,7 @@ def test_augmentation_moves_image_and_mask_together():
 
 def _augment_config(**changes):
   config = ml_collections.ConfigDict(dict(enabled=True, flip_lr=True, flip_ud=True,
-                                          rotate_deg=10.0, scale=0.1, intensity=0.0))
+                                          rotate_deg=20.0, scale=0.1, intensity=0.0))
   config.update(changes)
   return config
 
@@ -131,10 +131,11 @@ def test_crop_of_a_tumour_slice_holds_tumour(augment):
   mask = np.zeros((64, 64, 1), np.float32)
   mask[14:16, 14:17] = 1  # Two lesions far apart: the crop must hold one of them whole
   mask[47:50, 45:47] = 1  # in both axes, not a row of one and a column of the other.
+  mask[61:64, 0:2] = 1  # At the border: rotation can move it off the slice.
   element = {'image': np.repeat(mask, 3, axis=-1), 'mask': mask}
   crop = input_pipeline.Augment(augment, crop_size=16)
   corners = set()
-  for _ in range(200):
+  for _ in range(400):
     out = crop.random_map(element, rng)
     assert out['mask'].shape == (16, 16, 1) and out['mask'].max() > 0
     np.testing.assert_allclose(out['image'][..., 0], out['mask'][..., 0], atol=1e-6)
