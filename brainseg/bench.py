@@ -40,7 +40,7 @@ TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 @dataclasses.dataclass
 class Case:
   name: str
-  size: int
+  size: Optional[int]  # The slices' side; None: the config module's data.image_size.
   channels: str  # 'gray' (1 channel) or 'mri' (3)
   batch: int
   config_module: Optional[str] = None  # Take the rest of the recipe from this config.
@@ -50,7 +50,7 @@ class Case:
 CASES = {
     'seed256': Case('seed256', 256, 'gray', 16),
     'small128': Case('small128', 128, 'mri', 16),
-    'cpu_config': Case('cpu_config', 128, 'mri', 16, 'configs.cpu'),
+    'cpu_config': Case('cpu_config', None, 'mri', 16, 'configs.cpu'),
 }
 
 
@@ -102,15 +102,21 @@ def _max_rss_mb() -> float:
 
 def _config(case: Case) -> ml_collections.ConfigDict:
   config = importlib.import_module(case.config_module or 'configs.default').get_config()
-  config.data.image_size, config.data.channels = case.size, case.channels
+  config.data.image_size = case.size or config.data.image_size
+  config.data.channels = case.channels
   config.batch_size = case.batch
   config.model.dtype = case.dtype
   return config
 
 
+def _input_size(case: Case, mode: str) -> int:
+  """The side of what the network sees: a crop when training a crop_size config."""
+  return train.input_shape(_config(case), training=mode != 'eval')[0]
+
+
 def _record(case: Case, mode: str, impl: str, batch: int, t: Dict[str, float], **extra):
   return {'case': case.name, 'mode': mode, 'impl': impl, 'batch': batch,
-          'size': case.size, 'channels': input_pipeline.CHANNELS[case.channels],
+          'size': _input_size(case, mode), 'channels': input_pipeline.CHANNELS[case.channels],
           'dtype': case.dtype,
           'images_per_sec': batch / t['median'], 'sec_per_step': t['median'],
           'sec_min': t['min'], 'sec_max': t['max'], **extra}
@@ -199,14 +205,16 @@ def bench_torch(case: Case, mode: str, steps: int) -> Optional[dict]:
   """The PyTorch peer, same network, batch, size, channels and threads."""
   batch = case.batch if mode == 'train' else 32
   command = [sys.executable, TORCH_REFERENCE, '--mode', mode, '--batch', str(batch),
-             '--size', str(case.size), '--cin', str(input_pipeline.CHANNELS[case.channels]),
+             '--size', str(_input_size(case, mode)),
+             '--cin', str(input_pipeline.CHANNELS[case.channels]),
              '--steps', str(steps), '--threads', str(os.cpu_count())]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     print(f'torch peer failed: {result.stderr[-500:]}', file=sys.stderr)
     return None
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  return {'case': case.name, 'mode': mode, 'impl': 'torch', 'batch': batch, 'size': case.size,
+  return {'case': case.name, 'mode': mode, 'impl': 'torch', 'batch': batch,
+          'size': _input_size(case, mode),
           'channels': out['cin'], 'images_per_sec': out['images_per_sec'],
           'sec_per_step': out['sec_per_step'], 'threads': out['threads']}
 

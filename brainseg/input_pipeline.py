@@ -190,7 +190,8 @@ class Augment(grain.transforms.RandomMap):
               else np.zeros(2, int))
     out = self.crop_size or size
     if warp is not None:
-      image, mask = self._resample(image, warp, corner, out), self._resample(mask, warp, corner, out)
+      image = self._resample(image, warp, corner, out)
+      mask = self._resample(mask, warp, corner, out)
     else:
       (top, left) = corner
       image, mask = image[top:top + out, left:left + out], mask[top:top + out, left:left + out]
