@@ -1,4 +1,5 @@
 """Odd and broken inputs: each is read correctly or refused with a clear message."""
+import importlib
 import json
 import os
 
@@ -202,3 +203,12 @@ def test_cv_folds_count_fields_added_since_at_their_defaults(tmp_path):
   config.data.crop_size = 16
   with pytest.raises(ValueError, match=r'other recipe \(config: data.crop_size\)'):
     cv.load_or_make_folds(str(tmp_path), patients, 2, 0, 4, config)
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.dirname(tiny.__file__))
+    if f.endswith('.py') and not f.startswith('_')))
+def test_every_shipped_config_is_valid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  train.resolve_batch_size(config)
+  train.validate_config(config)
