@@ -4,7 +4,7 @@ r"""The reference recipe: configs/cpu.py at the masks' native resolution, 16 epo
 
 The network trains on 128x128 crops of the 256x256 slices (each tumour slice's crop
 holds tumour), so a step costs what a 128x128 step costs, and it is validated,
-evaluated and run on whole 256x256 slices. About 1 h 40 min on a 2-core CPU.
+evaluated and run on whole 256x256 slices. About 1 h 45 min on a 2-core CPU.
 results/reference was trained with this recipe (written there as configs/cpu.py with
 the same fields overridden on the command line).
 """
