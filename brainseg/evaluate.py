@@ -48,22 +48,6 @@ FORCED = {'none': {'tta_flips': False, 'largest_component': False},
           'tta+lcc': {'tta_flips': True, 'largest_component': True}}
 
 
-def check_variables_match(variables: Dict[str, Any], config: ml_collections.ConfigDict,
-                          source: str) -> None:
-  """Raises ValueError if the checkpoint's arrays do not fit the config's model."""
-  model = train.create_model(config)
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *train.input_shape(config)))))
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
-                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  got, want = shapes(variables), shapes(expected)
-  if got != want:
-    diff = sorted(set(got.items()) ^ set(want.items()))[:4]
-    raise ValueError(f'checkpoint {source} does not fit the config (model.features='
-                     f'{tuple(config.model.features)}, data.channels={config.data.channels!r}); '
-                     f'first differences (name, shape): {diff}')
-
-
 def _load_models(workdirs: Sequence[str], step: Optional[int],
                  config: Optional[ml_collections.ConfigDict]):
   """[(variables, step)] of every workdir, and the config they are evaluated under."""
@@ -71,7 +55,7 @@ def _load_models(workdirs: Sequence[str], step: Optional[int],
   config = ml_collections.ConfigDict(config or loaded[0][1])
   first = loaded[0][1]
   for workdir, (variables, saved, saved_step) in zip(workdirs, loaded):
-    check_variables_match(variables, config, f'{workdir} step {saved_step}')
+    train.check_variables_match(variables, config, f'{workdir} step {saved_step}')
     for field in ('image_size', 'channels', 'normalization'):
       if saved['data'][field] != first['data'][field]:
         raise ValueError(f'ensemble members disagree: {workdir} has data.{field}='

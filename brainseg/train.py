@@ -86,6 +86,47 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   raise ValueError(f"config optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}")
 
 
+def check_variables_match(variables: Dict[str, Any], config: ml_collections.ConfigDict,
+                          source: str) -> None:
+  """Raises ValueError if the checkpoint's arrays do not fit the config's model."""
+  model = create_model(config)
+  expected = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *input_shape(config)))))
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(variables), shapes(expected)
+  if got != want:
+    diff = sorted(set(got.items()) ^ set(want.items()))[:4]
+    raise ValueError(f'checkpoint {source} does not fit the config (model.features='
+                     f'{tuple(config.model.features)}, data.channels={config.data.channels!r}); '
+                     f'first differences (name, shape): {diff}')
+
+
+def load_init_variables(config: ml_collections.ConfigDict) -> Optional[Dict[str, Any]]:
+  """The model `config.init_from` names (params and BatchNorm statistics); None if unset.
+
+  Fine-tuning starts from another run's best-on-val model with a fresh optimizer,
+  step count and data order; the model and its inputs must be the same.
+
+  Raises:
+    ValueError: naming init_from and what does not fit, before any data is read.
+  """
+  if not config.init_from:
+    return None
+  try:
+    variables, saved, step = checkpointing.load_model(config.init_from)
+  except FileNotFoundError as e:
+    raise ValueError(f'config init_from={config.init_from!r}: {e}') from e
+  for field in ('channels', 'normalization'):
+    if saved.data[field] != config.data[field]:
+      raise ValueError(f'config init_from={config.init_from!r} was trained with '
+                       f'data.{field}={saved.data[field]!r}, this config has '
+                       f'{config.data[field]!r}')
+  check_variables_match(variables, config, f'init_from={config.init_from!r} step {step}')
+  logging.info('Starting from the model in %s (step %d)', config.init_from, step)
+  return variables
+
+
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        total_steps: int) -> TrainState:
   """A fresh state: initialised params, BatchNorm statistics and optimizer."""
@@ -359,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   prepare_workdir(workdir)
   checkpointing.check_workdir_config(workdir, config)
+  init_variables = load_init_variables(config)
   mesh = parallel.create_mesh()
   logging.info('Mesh: %s over %d device(s), %d process(es)', dict(mesh.shape),
                jax.device_count(), jax.process_count())
@@ -374,11 +416,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_iter = iter(input_pipeline.train_dataset(train_arrays, config, local_batch,
                                                  jax.process_index(), jax.process_count()))
 
-  # ----- State, restored if the workdir has a checkpoint -----
+  # ----- State: fresh or init_from's model, or restored if the workdir has a checkpoint -----
   rng = jax.random.PRNGKey(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = jax.device_put(create_train_state(config, init_rng, num_steps),
-                         parallel.replicated(mesh))
+  state = create_train_state(config, init_rng, num_steps)
+  if init_variables is not None:
+    state = state.replace(params=init_variables['params'],
+                          batch_stats=init_variables['batch_stats'])
+  state = jax.device_put(state, parallel.replicated(mesh))
   manager = checkpointing.train_manager(workdir, config)
   best = checkpointing.BestCheckpoint(workdir)
   state = checkpointing.restore_latest(manager, state, train_iter)

@@ -56,4 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_config_change = False  # Resume a workdir whose config differs.
   config.skip_nonfinite_steps = False  # Skip (and log) NaN/Inf steps instead of stopping.
   config.seed = 0
+  # A workdir or best/ folder: start from its best-on-val model (fine-tuning); the
+  # optimizer, step count and data order start afresh.
+  config.init_from = ''
   return config

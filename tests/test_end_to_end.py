@@ -307,3 +307,38 @@ def test_exported_model_matches_the_checkpoint_in_a_fresh_process(trained, tmp_p
   variables, config, _ = checkpointing.load_model(str(workdir))
   direct = predict.Predictor(variables, config, batch_size=5)(images)
   np.testing.assert_allclose(np.load(tmp_path / 'out.npy'), direct, atol=1e-6)
+
+
+def test_init_from_starts_from_the_runs_best_model(trained, tmp_path):
+  import jax
+  from brainseg import checkpointing
+  root, workdir = trained
+  tuned = tmp_path / 'tuned'
+  # A learning rate of 0 keeps the params where init_from put them.
+  result = _run(_train_command(root, tuned, f'--config.init_from={workdir}',
+                               '--config.learning_rate=0', '--config.num_train_steps=1'))
+  assert f'Starting from the model in {workdir} (step 2)' in result.stderr
+  source, _, _ = checkpointing.load_model(str(workdir))
+  state = _final_state(tuned)
+  for path, value in jax.tree_util.tree_leaves_with_path(source['params']):
+    np.testing.assert_array_equal(state["['params']" + jax.tree_util.keystr(path)], value)
+  assert json.load(open(tuned / 'config.json'))['init_from'] == str(workdir)
+
+
+def test_init_from_a_missing_or_different_model_is_refused_by_name(trained, tmp_path):
+  from brainseg import train
+  from configs import tiny
+  _, workdir = trained
+  config = tiny.get_config()
+  config.init_from = str(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match='config init_from=.*nowhere'):
+    train.load_init_variables(config)
+  config.init_from = str(workdir)
+  config.model.features = (4, 8, 32)
+  with pytest.raises(ValueError, match='does not fit the config'):
+    train.load_init_variables(config)
+  config = tiny.get_config()
+  config.init_from = str(workdir)
+  config.data.channels = 'gray'
+  with pytest.raises(ValueError, match="data.channels='mri'"):
+    train.load_init_variables(config)
