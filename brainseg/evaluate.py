@@ -7,7 +7,8 @@ r"""Evaluates a checkpoint (or an ensemble) on one split: metrics.json, per_pati
 
 DIR is a training workdir (its best-on-val checkpoint is used) or a `best/`
 folder; --step names another saved step. Several comma-separated DIRs are an
-ensemble: their probabilities are averaged. The data root and split come from
+ensemble: their probabilities, at the masks' native size, are averaged, so
+members may see the slices at different sizes, channels or normalizations. The data root and split come from
 the (first) checkpoint's config unless --data_root / --split_file say otherwise.
 A split (or the val part used to choose post-processing) that shares a patient
 with any member's training patients is refused: the cross-validation folds
@@ -48,19 +49,36 @@ FORCED = {'none': {'tta_flips': False, 'largest_component': False},
           'tta+lcc': {'tta_flips': True, 'largest_component': True}}
 
 
+# What a member sees: members that differ in these still ensemble (each model reads
+# the slices its own way; their probabilities meet at the masks' native size).
+INPUT_FIELDS = ('image_size', 'channels', 'normalization')
+
+
 def _load_models(workdirs: Sequence[str], step: Optional[int],
-                 config: Optional[ml_collections.ConfigDict]):
-  """[(variables, step)] of every workdir, and the config they are evaluated under."""
+                 config: Optional[ml_collections.ConfigDict], data_root: Optional[str],
+                 split_file: Optional[str]):
+  """Loads every member: [(variables, step, config it runs under)], and their saved configs.
+
+  The data root and split are the first member's (or the flags'); each member keeps
+  its own model and input fields unless `config` is given for all of them.
+  """
   loaded = [checkpointing.load_model(w, step) for w in workdirs]
-  config = ml_collections.ConfigDict(config or loaded[0][1])
-  first = loaded[0][1]
+  base = ml_collections.ConfigDict(config or loaded[0][1])
+  with base.unlocked():
+    if data_root is not None:
+      base.data.root = data_root
+    if split_file is not None:
+      base.data.split_file = split_file
+  members = []
   for workdir, (variables, saved, saved_step) in zip(workdirs, loaded):
-    train.check_variables_match(variables, config, f'{workdir} step {saved_step}')
-    for field in ('image_size', 'channels', 'normalization'):
-      if saved['data'][field] != first['data'][field]:
-        raise ValueError(f'ensemble members disagree: {workdir} has data.{field}='
-                         f'{saved["data"][field]!r}, {workdirs[0]} has {first["data"][field]!r}')
-  return [(variables, s) for variables, _, s in loaded], config, [saved for _, saved, _ in loaded]
+    member = ml_collections.ConfigDict(base.to_dict())  # A copy.
+    if config is None:
+      member.model = saved.model
+      for field in INPUT_FIELDS:
+        member.data[field] = saved.data[field]
+    train.check_variables_match(variables, member, f'{workdir} step {saved_step}')
+    members.append((variables, saved_step, member))
+  return members, [saved for _, saved, _ in loaded]
 
 
 def check_not_trained_on(workdirs: Sequence[str], member_configs, patients: Sequence[str],
@@ -98,30 +116,31 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
     postprocess: 'val' (choose on the val split) or a key of FORCED.
   """
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
-  members, config, member_configs = _load_models(workdirs, step, config)
-  with config.unlocked():
-    if data_root is not None:
-      config.data.root = data_root
-    if split_file is not None:
-      config.data.split_file = split_file
+  members, member_configs = _load_models(workdirs, step, config, data_root, split_file)
+  config = members[0][2]
   parts = tuple(dict.fromkeys([split] + (['val'] if postprocess == 'val' else [])))
   patients = data_lib.scan(config.data.root)
-  split_ids, arrays = train.load_splits(config, parts=parts, patients=patients)
+  inputs = {}  # The split's slices, loaded once per way a member reads them.
+  for _, _, member in members:
+    key = tuple(member.data[f] for f in INPUT_FIELDS)
+    if key not in inputs:
+      split_ids, inputs[key] = train.load_splits(member, parts=parts, patients=patients)
   # Members' splits are rebuilt over every patient of the root, as in training.
   check_not_trained_on(workdirs, member_configs, sorted(patients),
                        {part: split_ids[part] for part in parts})
   mesh = parallel.create_mesh()
-  model = train.create_model(config)
-  on_device = [jax.device_put(v, parallel.replicated(mesh)) for v, _ in members]
+  runners = [(train.create_model(member), jax.device_put(v, parallel.replicated(mesh)),
+              inputs[tuple(member.data[f] for f in INPUT_FIELDS)]) for v, _, member in members]
+  arrays = inputs[tuple(config.data[f] for f in INPUT_FIELDS)]
   # Any batch size works: rounded up to fill every device, padding is dropped.
   eval_batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
   cache = {}
 
   def probs(part: str, tta_flips: bool) -> np.ndarray:
     if (part, tta_flips) not in cache:
-      cache[part, tta_flips] = np.mean([train.split_probs(model, v, arrays[part], eval_batch,
-                                                          mesh, tta_flips) for v in on_device],
-                                       axis=0)
+      cache[part, tta_flips] = np.mean([
+          train.split_probs(model, v, member_arrays[part], eval_batch, mesh, tta_flips)
+          for model, v, member_arrays in runners], axis=0)
     return cache[part, tta_flips]
 
   table: List[dict] = []
@@ -138,8 +157,9 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
   hd95 = metrics_lib.slice_hd95(masks, target.native_masks)
   results = metrics_lib.summarize(target.patient_ids, **counts, hd95_per_slice=hd95)
   results.update(split=split, checkpoint_step=int(members[0][1]),
-                 checkpoints=[{'path': os.path.abspath(w), 'step': int(s)}
-                              for w, (_, s) in zip(workdirs, members)],
+                 checkpoints=[{'path': os.path.abspath(w), 'step': int(s),
+                               'image_size': m.data.image_size}
+                              for w, (_, s, m) in zip(workdirs, members)],
                  postprocess=choice, postprocess_chosen_on='val' if table else 'flag',
                  postprocess_val_table=table, data_root=config.data.root,
                  image_size=config.data.image_size, channels=config.data.channels)

@@ -140,6 +140,31 @@ def test_an_ensemble_of_one_model_twice_scores_as_the_model(trained, tmp_path):
   assert len(twice['checkpoints']) == 2 and twice['postprocess']['tta_flips']
 
 
+def test_an_ensemble_of_models_at_different_sizes_averages_native_probabilities(trained,
+                                                                                 tmp_path):
+  from brainseg import data, metrics, parallel, postprocess, train
+  root, workdir = trained
+  small = tmp_path / 'small'
+  _run(_train_command(root, small, '--config.data.image_size=16'))
+  result = evaluate.evaluate([str(workdir), str(small)], 'val', str(tmp_path / 'ens'),
+                             postprocess='none')
+  assert [c['image_size'] for c in result['checkpoints']] == [32, 16]
+  # The same average, built by hand from each member at its own size.
+  mesh = parallel.create_mesh()
+  member_probs = []
+  for path in (workdir, small):
+    variables, config, _ = evaluate.checkpointing.load_model(str(path))
+    _, arrays = train.load_splits(config, parts=('val',), patients=data.scan(str(root)))
+    member_probs.append(train.split_probs(train.create_model(config), variables, arrays['val'],
+                                          4, mesh))
+  assert member_probs[0].shape == member_probs[1].shape == arrays['val'].native_masks.shape
+  masks = np.mean(member_probs, axis=0) > 0.5
+  expected = metrics.summarize(arrays['val'].patient_ids,
+                               **postprocess.mask_counts(masks, arrays['val'].native_masks))
+  assert result['per_slice'] == expected['per_slice']
+  assert not np.array_equal(member_probs[0], member_probs[1])
+
+
 def test_sigterm_saves_and_the_same_command_resumes_exactly(trained, tmp_path):
   root, _ = trained
   steps = ['--config.num_train_steps=12', '--config.eval_every_steps=6',
