@@ -166,6 +166,37 @@ def with_current_defaults(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(traverse_util.unflatten_dict(merged))
 
 
+def latest_train_step(workdir: str) -> Optional[int]:
+  """The newest periodic train-state checkpoint of a workdir; None if it has none."""
+  steps = _steps(train_dir(workdir))
+  return max(steps) if steps else None
+
+
+def _best_folder(path: str) -> str:
+  """The `best/` folder of a workdir, or `path` itself if it is one (its steps hold 'meta')."""
+  if os.path.isdir(best_dir(path)):
+    return best_dir(path)
+  path = os.path.abspath(path)
+  return path if any(os.path.isdir(os.path.join(path, str(s), 'meta'))
+                     for s in _steps(path)) else best_dir(path)
+
+
+def load_saved_config(path: str) -> ml_collections.ConfigDict:
+  """The config saved with a workdir's (or `best/` folder's) best-on-val model, without its arrays.
+
+  Raises:
+    FileNotFoundError: if there is no best-on-val checkpoint.
+  """
+  best = _best_folder(path)
+  steps = _steps(best)
+  if not steps:
+    raise FileNotFoundError(f'found no best-on-val checkpoint under {path}')
+  manager = _best_manager(best, read_only=True)
+  meta = manager.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  manager.close()
+  return with_current_defaults(meta['config'])
+
+
 def load_model(path: str, step: Optional[int] = None):
   """Loads a model for inference: (variables, config, step).
 
@@ -177,7 +208,7 @@ def load_model(path: str, step: Optional[int] = None):
   Raises:
     FileNotFoundError: naming where it looked.
   """
-  best = best_dir(path) if os.path.isdir(best_dir(path)) else os.path.abspath(path)
+  best = _best_folder(path)
   best_steps = _steps(best)
   if step is None and best_steps:
     step = max(best_steps)
@@ -195,7 +226,7 @@ def load_model(path: str, step: Optional[int] = None):
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = with_current_defaults(json.load(f))
     return {'params': state['params'], 'batch_stats': state['batch_stats']}, config, step
-  wanted = 'a best-on-val checkpoint' if step is None else f'a checkpoint of step {step}'
+  wanted = 'best-on-val checkpoint' if step is None else f'checkpoint of step {step}'
   raise FileNotFoundError(
-      f'no {wanted} under {path} (best steps: {sorted(best_steps)}, periodic steps: '
+      f'found no {wanted} under {path} (best steps: {sorted(best_steps)}, periodic steps: '
       f'{sorted(_steps(train_dir(path)))})')

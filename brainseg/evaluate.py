@@ -63,7 +63,8 @@ def _load_models(workdirs: Sequence[str], step: Optional[int],
   its own model and input fields unless `config` is given for all of them.
   """
   loaded = [checkpointing.load_model(w, step) for w in workdirs]
-  base = ml_collections.ConfigDict(config or loaded[0][1])
+  # Deep copies: the saved configs stay as saved (the leakage check reads them).
+  base = ml_collections.ConfigDict((config or loaded[0][1]).to_dict())
   with base.unlocked():
     if data_root is not None:
       base.data.root = data_root
@@ -76,6 +77,11 @@ def _load_models(workdirs: Sequence[str], step: Optional[int],
       member.model = saved.model
       for field in INPUT_FIELDS:
         member.data[field] = saved.data[field]
+    else:
+      for field in ('channels', 'normalization'):
+        if saved.data[field] != config.data[field]:
+          raise ValueError(f'{workdir} was trained with data.{field}={saved.data[field]!r}, '
+                           f'the --config has {config.data[field]!r}')
     train.check_variables_match(variables, member, f'{workdir} step {saved_step}')
     members.append((variables, saved_step, member))
   return members, [saved for _, saved, _ in loaded]
@@ -85,14 +91,12 @@ def check_not_trained_on(workdirs: Sequence[str], member_configs, patients: Sequ
                          scored: Dict[str, Sequence[str]]) -> None:
   """Raises ValueError if a scored part holds a patient some member trained on.
 
-  Each member's training patients are those of its own saved split, over the
-  patients of the root being evaluated.
+  Each member's training patients are those of its own saved split (and of the
+  model it was fine-tuned from, if any), over the patients of the root being evaluated.
   """
   for workdir, saved in zip(workdirs, member_configs):
-    d = saved['data']
     try:
-      trained = set(data_lib.make_split(patients, d['split_file'], tuple(d['split_fractions']),
-                                        d['split_seed'])['train'])
+      trained = train.training_patients(saved, patients)
     except (data_lib.DataError, OSError) as e:
       logging.warning('Cannot check which patients %s trained on (%s); not checked.', workdir, e)
       continue
@@ -158,7 +162,7 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
   results = metrics_lib.summarize(target.patient_ids, **counts, hd95_per_slice=hd95)
   results.update(split=split, checkpoint_step=int(members[0][1]),
                  checkpoints=[{'path': os.path.abspath(w), 'step': int(s),
-                               'image_size': m.data.image_size}
+                               **{f: m.data[f] for f in INPUT_FIELDS}}
                               for w, (_, s, m) in zip(workdirs, members)],
                  postprocess=choice, postprocess_chosen_on='val' if table else 'flag',
                  postprocess_val_table=table, data_root=config.data.root,

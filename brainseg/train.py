@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -125,6 +125,46 @@ def load_init_variables(config: ml_collections.ConfigDict) -> Optional[Dict[str,
   check_variables_match(variables, config, f'init_from={config.init_from!r} step {step}')
   logging.info('Starting from the model in %s (step %d)', config.init_from, step)
   return variables
+
+
+def training_patients(config, patients: Sequence[str]) -> Set[str]:
+  """Every patient a run's model learned from, among `patients` (a data root's ids).
+
+  That is its own train split and, through `init_from`, its starting model's,
+  and so on back. `config` is a run's saved config.
+  """
+  learned, seen = set(), set()
+  while True:
+    d = config['data']
+    learned |= set(data_lib.make_split(list(patients), d['split_file'],
+                                       tuple(d['split_fractions']), d['split_seed'])['train'])
+    source = config.get('init_from')
+    if not source or source in seen:
+      return learned
+    seen.add(source)
+    config = checkpointing.load_saved_config(source)
+
+
+def check_init_from_unseen(config: ml_collections.ConfigDict, patients: Sequence[str]) -> None:
+  """Refuses a fine-tune whose val or test split holds a patient its start model learned from.
+
+  Such a run's best-on-val choice, and its test score, would be optimistic.
+  """
+  split = data_lib.make_split(list(patients), config.data.split_file,
+                              config.data.split_fractions, config.data.split_seed)
+  try:
+    learned = training_patients(checkpointing.load_saved_config(config.init_from), patients)
+  except (data_lib.DataError, OSError) as e:
+    logging.warning('Cannot check which patients init_from=%s learned from (%s); not checked.',
+                    config.init_from, e)
+    return
+  for part in ('val', 'test'):
+    leaked = sorted(learned & set(split[part]))
+    if leaked:
+      raise ValueError(f'config init_from={config.init_from!r} was trained on {len(leaked)} '
+                       f'patient(s) of this run\'s {part} split (e.g. {leaked[:3]}); fine-tune '
+                       'on the split that model was trained with (data.split_file, '
+                       'data.split_seed)')
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
@@ -398,15 +438,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   resolve_batch_size(config)
   validate_config(config)
+  if config.init_from:  # Recorded absolute: a resume, or evaluate, may run from elsewhere.
+    config.init_from = os.path.abspath(config.init_from)
   prepare_workdir(workdir)
   checkpointing.check_workdir_config(workdir, config)
-  init_variables = load_init_variables(config)
+  # A resumed run starts from its own checkpoint, so its init_from may be gone by now.
+  resuming = checkpointing.latest_train_step(workdir) is not None
+  init_variables = None if resuming else load_init_variables(config)
   mesh = parallel.create_mesh()
   logging.info('Mesh: %s over %d device(s), %d process(es)', dict(mesh.shape),
                jax.device_count(), jax.process_count())
 
   # ----- Data -----
-  split, arrays = load_splits(config, parts=('train', 'val'))
+  patients = data_lib.scan(config.data.root)
+  if init_variables is not None:
+    check_init_from_unseen(config, sorted(patients))
+  split, arrays = load_splits(config, parts=('train', 'val'), patients=patients)
   train_arrays, val_arrays = arrays['train'], arrays['val']
   num_steps = total_train_steps(config, train_arrays)
   logging.info('Data: %d train slices (%d patients), %d val slices (%d patients); '

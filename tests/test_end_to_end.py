@@ -355,9 +355,10 @@ def test_init_from_a_missing_or_different_model_is_refused_by_name(trained, tmp_
   from configs import tiny
   _, workdir = trained
   config = tiny.get_config()
-  config.init_from = str(tmp_path / 'nowhere')
-  with pytest.raises(ValueError, match='config init_from=.*nowhere'):
-    train.load_init_variables(config)
+  for wrong in (tmp_path / 'nowhere', workdir / 'checkpoints'):
+    config.init_from = str(wrong)
+    with pytest.raises(ValueError, match=f'config init_from=.*{wrong.name}.*found no'):
+      train.load_init_variables(config)
   config.init_from = str(workdir)
   config.model.features = (4, 8, 32)
   with pytest.raises(ValueError, match='does not fit the config'):
@@ -367,3 +368,53 @@ def test_init_from_a_missing_or_different_model_is_refused_by_name(trained, tmp_
   config.data.channels = 'gray'
   with pytest.raises(ValueError, match="data.channels='mri'"):
     train.load_init_variables(config)
+
+
+def test_init_from_a_model_that_trained_on_this_runs_val_or_test_is_refused(trained):
+  from brainseg import data, train
+  from configs import tiny
+  root, workdir = trained
+  patients = sorted(data.scan(str(root)))
+  config = tiny.get_config()
+  config.init_from = str(workdir)
+  train.check_init_from_unseen(config, patients)  # The same split: nothing leaks.
+  config.data.split_seed = 1  # Another random split: some of its val/test patients leak.
+  with pytest.raises(ValueError, match='was trained on .* patient'):
+    train.check_init_from_unseen(config, patients)
+
+
+def test_a_fine_tune_resumes_without_its_start_model(trained, tmp_path):
+  import shutil
+  root, workdir = trained
+  source = tmp_path / 'source'
+  shutil.copytree(workdir, source)
+  command = _train_command(root, tmp_path / 'tuned', f'--config.init_from={source}',
+                           '--config.num_train_steps=1')
+  _run(command)
+  shutil.rmtree(source)
+  result = _run(command)  # Its own checkpoint is all a resume needs.
+  assert 'already complete' in result.stderr and 'Starting from' not in result.stderr
+
+
+def test_evaluate_refuses_a_member_the_config_would_feed_other_inputs(trained, tmp_path):
+  from configs import tiny
+  root, workdir = trained
+  config = tiny.get_config()
+  config.data.root = str(root)
+  config.data.normalization = 'scale'
+  with pytest.raises(ValueError, match="data.normalization='volume', the --config has 'scale'"):
+    evaluate.evaluate(str(workdir), 'val', str(tmp_path / 'eval'), config=config)
+
+
+def test_a_split_file_override_does_not_hide_what_the_model_trained_on(trained, tmp_path):
+  from brainseg import checkpointing, data, train
+  root, workdir = trained
+  patients = sorted(data.scan(str(root)))
+  learned = sorted(train.training_patients(checkpointing.load_saved_config(str(workdir)),
+                                           patients))
+  others = [p for p in patients if p not in learned]
+  split_file = tmp_path / 'leaky.json'
+  split_file.write_text(json.dumps({'train': others[:1], 'val': others[1:], 'test': learned}))
+  with pytest.raises(ValueError, match='was trained on .* of the test split'):
+    evaluate.evaluate(str(workdir), 'test', str(tmp_path / 'eval'), split_file=str(split_file),
+                      postprocess='none')
