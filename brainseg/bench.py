@@ -5,8 +5,10 @@ r"""Throughput benchmark: train step, eval step, input pipeline, end to end.
 
 Each timing is the median over `--steps` repetitions after warm-up, with the
 spread (min, max). Achieved GFLOP/s come from XLA's cost analysis of the
-compiled step; the peak is a float32 matmul measured in the same run on the same
-device, so `peak_fraction` compares like with like. `--compare-torch` runs the
+compiled step, summed over the mesh's devices; the peak is a matmul measured in
+the same run on one device, times the number of chips (on the CPU backend all
+devices share the same cores, so the peak counts once), so `peak_fraction`
+compares like with like. `--compare-torch` runs the
 PyTorch peer (../shared/bench/torch_reference.py: the seed's network) in the same
 run with the same batch, size, channels and threads, and prints the ratio.
 """
@@ -75,15 +77,25 @@ def matmul_peak_gflops(n: int = 2048, steps: int = 10, dtype: str = 'float32') -
 
 
 def _flops(compiled) -> float:
+  """FLOPs of one call over all devices: XLA's cost analysis of the
+  partitioned program counts one device's share of the batch."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list):  # Older JAX returns one dict per device program.
     analysis = analysis[0]
-  return float(analysis.get('flops', 0.0))
+  return float(analysis.get('flops', 0.0)) * jax.device_count()
+
+
+def _peak_chips() -> int:
+  """How many times the one-device matmul peak the mesh can reach: CPU devices
+  share one machine's cores (the peak matmul already uses them all); GPUs and
+  TPUs each bring their own."""
+  return jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
 
 
 def _peak_memory_mb(compiled) -> float:
-  """XLA's own account of the compiled step's live memory: arguments, outputs and
-  temporaries (activations kept for the backward pass), less donated buffers.
+  """XLA's own account of the compiled step's live memory on one device:
+  arguments, outputs and temporaries (activations kept for the backward pass),
+  less donated buffers.
 
   Computed from the parts because on the CPU backend (jaxlib 0.10.2)
   `peak_memory_in_bytes` covers the arguments only (e.g. 28 MB against 672 MB of
@@ -158,7 +170,8 @@ def bench_steps(case: Case, steps: int, peak: float):
   records = [_record(case, 'train', 'brainseg', case.batch, t,
                      gflops_per_sec=flops / t['median'] / 1e9,
                      peak_fraction=flops / t['median'] / 1e9 / peak,
-                     xla_peak_memory_mb=_peak_memory_mb(compiled),
+                     xla_peak_memory_mb=_peak_memory_mb(compiled) * jax.local_device_count(),
+                     xla_peak_memory_mb_per_device=_peak_memory_mb(compiled),
                      process_max_rss_mb=_max_rss_mb())]
   model = train.create_model(config)
   shape, rng = train.input_shape(config), np.random.default_rng(1)
@@ -238,7 +251,7 @@ def format_table(records: List[dict]) -> str:
 
 def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[str],
         patients: int, dtype: str = 'float32', batch: int = 0) -> Dict:
-  peak = matmul_peak_gflops(dtype=dtype)
+  peak = matmul_peak_gflops(dtype=dtype) * _peak_chips()
   records = []
   for name in cases:
     case = dataclasses.replace(CASES[name], dtype=dtype, batch=batch or CASES[name].batch)
@@ -276,8 +289,8 @@ def main(argv=None):
   cli.set_default_xla_flags()
   result = run(args.cases.split(','), args.steps, args.compare_torch, args.data_root,
                args.patients, args.dtype, args.batch)
-  print(f'{result["device"]} ({result["backend"]}), {args.dtype} matmul peak '
-        f'{result["matmul_peak_gflops"]:.0f} GFLOP/s (the torch peer is always float32)')
+  print(f'{result["device_count"]} x {result["device"]} ({result["backend"]}), {args.dtype} '
+        f'matmul peak {result["matmul_peak_gflops"]:.0f} GFLOP/s (the torch peer is always float32)')
   print(format_table(result['records']))
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

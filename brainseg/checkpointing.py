@@ -137,7 +137,7 @@ class BestCheckpoint:
     self._manager.close()
 
 
-def _restore_on_one_device(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+def restore_on_one_device(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
   """Restores one item onto this process's first device, whatever mesh saved it.
 
   Restoring into the saved shardings fails on a machine with other devices (a
@@ -214,14 +214,14 @@ def load_model(path: str, step: Optional[int] = None):
     step = max(best_steps)
   if step in best_steps:
     manager = _best_manager(best, read_only=True)
-    model = _restore_on_one_device(manager, step, 'model')
+    model = restore_on_one_device(manager, step, 'model')
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     manager.close()
     return model, with_current_defaults(meta['config']), step
   if step is not None and step in _steps(train_dir(path)):
     manager = ocp.CheckpointManager(train_dir(path), options=ocp.CheckpointManagerOptions(
         read_only=True), item_handlers={'state': ocp.StandardCheckpointHandler()})
-    state = _restore_on_one_device(manager, step, 'state')
+    state = restore_on_one_device(manager, step, 'state')
     manager.close()
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = with_current_defaults(json.load(f))

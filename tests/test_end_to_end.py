@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from brainseg import checkpointing
 from brainseg import evaluate
 from brainseg import writers
 from tests import conftest
@@ -48,8 +49,8 @@ def _final_state(workdir):
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                   item_handlers={'state': ocp.StandardCheckpointHandler()})
-  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
+  # The CLI may have run on more devices than this process has.
+  state = checkpointing.restore_on_one_device(manager, manager.latest_step(), 'state')
   manager.close()
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(state)}
