@@ -11,7 +11,7 @@ checkpoint as the latest one.
 """
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from flax import traverse_util
 import grain
@@ -110,22 +110,27 @@ class BestCheckpoint:
   def __init__(self, workdir: str):
     self._manager = _best_manager(best_dir(workdir))
     self.value = -1.0
+    self.trained_on = None  # The saved model's training patients, when recorded.
     step = self._manager.latest_step()
     if step is not None:
       meta = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))['meta']
       self.value = float(meta['val_dice'])
+      self.trained_on = meta.get('trained_on')
 
-  def update(self, step: int, model: Any, value: float,
-             config: ml_collections.ConfigDict) -> bool:
-    """Saves `model` (params and batch_stats) if `value` beats the best so far.
+  def update(self, step: int, model: Any, value: float, config: ml_collections.ConfigDict,
+             trained_on: Sequence[str]) -> bool:
+    """Saves `model` (params and batch_stats) if `value` beats the best so far,
+    with the config and every patient the model learned from (`trained_on`), so
+    that evaluate can refuse those patients wherever the data and split files are.
 
     Returns:
       whether it saved.
     """
     if value <= self.value:
       return False
-    meta = {'step': step, 'val_dice': value, 'config': json.loads(config.to_json_best_effort())}
+    meta = {'step': step, 'val_dice': value, 'config': json.loads(config.to_json_best_effort()),
+            'trained_on': sorted(trained_on)}
     saved = self._manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta)))
     if saved:
@@ -181,20 +186,37 @@ def _best_folder(path: str) -> str:
                      for s in _steps(path)) else best_dir(path)
 
 
+def _best_meta(path: str) -> Optional[Dict[str, Any]]:
+  """The meta (step, val Dice, config, training patients) saved with the best-on-val
+  model of a workdir or `best/` folder; None if there is none."""
+  best = _best_folder(path)
+  steps = _steps(best)
+  if not steps:
+    return None
+  manager = _best_manager(best, read_only=True)
+  meta = manager.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  manager.close()
+  return meta
+
+
 def load_saved_config(path: str) -> ml_collections.ConfigDict:
   """The config saved with a workdir's (or `best/` folder's) best-on-val model, without its arrays.
 
   Raises:
     FileNotFoundError: if there is no best-on-val checkpoint.
   """
-  best = _best_folder(path)
-  steps = _steps(best)
-  if not steps:
+  meta = _best_meta(path)
+  if meta is None:
     raise FileNotFoundError(f'found no best-on-val checkpoint under {path}')
-  manager = _best_manager(best, read_only=True)
-  meta = manager.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  manager.close()
   return with_current_defaults(meta['config'])
+
+
+def load_trained_on(path: str) -> Optional[List[str]]:
+  """The patients the best-on-val model under `path` learned from, as recorded
+  when it was saved; None if there is no such model or it records none (runs
+  saved before brainseg recorded them)."""
+  meta = _best_meta(path)
+  return None if meta is None else meta.get('trained_on')
 
 
 def load_model(path: str, step: Optional[int] = None):

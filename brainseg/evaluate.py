@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -91,15 +90,13 @@ def check_not_trained_on(workdirs: Sequence[str], member_configs, patients: Sequ
                          scored: Dict[str, Sequence[str]]) -> None:
   """Raises ValueError if a scored part holds a patient some member trained on.
 
-  Each member's training patients are those of its own saved split (and of the
-  model it was fine-tuned from, if any), over the patients of the root being evaluated.
+  Each member's training patients are those recorded with its model (or, for older
+  runs, those of its saved split and of the model it was fine-tuned from), over the
+  patients of the root being evaluated. A member whose patients cannot be told is
+  refused too.
   """
   for workdir, saved in zip(workdirs, member_configs):
-    try:
-      trained = train.training_patients(saved, patients)
-    except (data_lib.DataError, OSError) as e:
-      logging.warning('Cannot check which patients %s trained on (%s); not checked.', workdir, e)
-      continue
+    trained = train.training_patients(workdir, patients, saved)
     for part, ids in scored.items():
       leaked = sorted(trained & set(ids))
       if leaked:

@@ -127,37 +127,47 @@ def load_init_variables(config: ml_collections.ConfigDict) -> Optional[Dict[str,
   return variables
 
 
-def training_patients(config, patients: Sequence[str]) -> Set[str]:
-  """Every patient a run's model learned from, among `patients` (a data root's ids).
+def training_patients(path: str, patients: Sequence[str], saved_config=None) -> Set[str]:
+  """Every patient the model saved under `path` (a workdir or `best/` folder) learned from.
 
-  That is its own train split and, through `init_from`, its starting model's,
-  and so on back. `config` is a run's saved config.
+  Runs record the list with their best-on-val model. For runs saved before that
+  it is recomputed from the saved config (`saved_config`, else the best model's):
+  its own train split over `patients` (a data root's ids) and, through
+  `init_from`, its start model's, and so on back.
+
+  Raises:
+    ValueError: when it cannot be told (no list, and the saved split file cannot
+      be read from here).
   """
-  learned, seen = set(), set()
-  while True:
-    d = config['data']
-    learned |= set(data_lib.make_split(list(patients), d['split_file'],
-                                       tuple(d['split_fractions']), d['split_seed'])['train'])
-    source = config.get('init_from')
-    if not source or source in seen:
-      return learned
-    seen.add(source)
-    config = checkpointing.load_saved_config(source)
+  recorded = checkpointing.load_trained_on(path)
+  if recorded is not None:
+    return set(recorded)
+  config = saved_config if saved_config is not None else checkpointing.load_saved_config(path)
+  d = config['data']
+  try:
+    learned = set(data_lib.make_split(list(patients), d['split_file'],
+                                      tuple(d['split_fractions']), d['split_seed'])['train'])
+  except (data_lib.DataError, OSError) as e:
+    raise ValueError(
+        f'cannot tell which patients {path} trained on: it records no list (saved before '
+        f'brainseg recorded one) and its split cannot be read from here ({e}); run from '
+        'the directory it was trained in, so its relative split_file resolves') from None
+  source = config.get('init_from')
+  if source and os.path.abspath(source) != os.path.abspath(path):
+    learned |= training_patients(source, patients)
+  return learned
 
 
-def check_init_from_unseen(config: ml_collections.ConfigDict, patients: Sequence[str]) -> None:
-  """Refuses a fine-tune whose val or test split holds a patient its start model learned from.
+def check_init_from_unseen(config: ml_collections.ConfigDict, patients: Sequence[str]) -> Set[str]:
+  """Refuses a fine-tune whose val or test split holds a patient its start model
+  learned from (its best-on-val choice and test score would be optimistic).
 
-  Such a run's best-on-val choice, and its test score, would be optimistic.
+  Returns:
+    the start model's training patients.
   """
   split = data_lib.make_split(list(patients), config.data.split_file,
                               config.data.split_fractions, config.data.split_seed)
-  try:
-    learned = training_patients(checkpointing.load_saved_config(config.init_from), patients)
-  except (data_lib.DataError, OSError) as e:
-    logging.warning('Cannot check which patients init_from=%s learned from (%s); not checked.',
-                    config.init_from, e)
-    return
+  learned = training_patients(config.init_from, patients)
   for part in ('val', 'test'):
     leaked = sorted(learned & set(split[part]))
     if leaked:
@@ -165,6 +175,7 @@ def check_init_from_unseen(config: ml_collections.ConfigDict, patients: Sequence
                        f'patient(s) of this run\'s {part} split (e.g. {leaked[:3]}); fine-tune '
                        'on the split that model was trained with (data.split_file, '
                        'data.split_seed)')
+  return learned
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
@@ -451,8 +462,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----- Data -----
   patients = data_lib.scan(config.data.root)
+  inherited = set()  # The start model's training patients (init_from).
   if init_variables is not None:
-    check_init_from_unseen(config, sorted(patients))
+    inherited = check_init_from_unseen(config, sorted(patients))
   split, arrays = load_splits(config, parts=('train', 'val'), patients=patients)
   train_arrays, val_arrays = arrays['train'], arrays['val']
   num_steps = total_train_steps(config, train_arrays)
@@ -473,6 +485,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.device_put(state, parallel.replicated(mesh))
   manager = checkpointing.train_manager(workdir, config)
   best = checkpointing.BestCheckpoint(workdir)
+  # Saved with every best model, for evaluate's leakage check. A resumed
+  # fine-tune keeps its first list (its start model may be gone by now).
+  if resuming and best.trained_on is not None:
+    inherited = set(best.trained_on)
+  elif resuming and config.init_from and os.path.isdir(config.init_from):
+    inherited = training_patients(config.init_from, sorted(patients))
+  trained_on = sorted(set(split['train']) | inherited)
   state = checkpointing.restore_latest(manager, state, train_iter)
   start_step = int(state.step)
   if start_step:
@@ -530,7 +549,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_images(step, {f'val/{k}': v for k, v in visualize.tensorboard_images(
             jit_attention, model_variables(state), val_arrays.images[shown_rows],
             val_arrays.masks[shown_rows]).items()})
-        if best.update(step, model_variables(state), val['per_slice']['dice'], config):
+        if best.update(step, model_variables(state), val['per_slice']['dice'], config,
+                       trained_on):
           logging.info('New best val per-slice Dice %.4f at step %d', best.value, step)
         writer.flush()
       if do_save:

@@ -98,3 +98,7 @@ def test_scoring_a_model_on_patients_it_trained_on_is_refused():
   with pytest.raises(ValueError, match=r'm was trained on 2 patient\(s\) of the test split'):
     evaluate.check_not_trained_on(['m'], [member], patients,
                                   {'test': parts['test'] + parts['train'][:2]})
+  # A model that records no patients, whose split file is not where it was: refused too.
+  member['data']['split_file'] = '/nonexistent/split.json'
+  with pytest.raises(ValueError, match='cannot tell which patients m trained on'):
+    evaluate.check_not_trained_on(['m'], [member], patients, {'test': parts['test']})

@@ -411,8 +411,11 @@ def test_a_split_file_override_does_not_hide_what_the_model_trained_on(trained, 
   from brainseg import checkpointing, data, train
   root, workdir = trained
   patients = sorted(data.scan(str(root)))
-  learned = sorted(train.training_patients(checkpointing.load_saved_config(str(workdir)),
-                                           patients))
+  learned = sorted(train.training_patients(str(workdir), patients))
+  # The run recorded them with its best model: the same patients as its train split.
+  assert checkpointing.load_trained_on(str(workdir)) == learned == sorted(
+      train.load_splits(checkpointing.load_saved_config(str(workdir)), parts=(),
+                        patients=data.scan(str(root)))[0]['train'])
   others = [p for p in patients if p not in learned]
   split_file = tmp_path / 'leaky.json'
   split_file.write_text(json.dumps({'train': others[:1], 'val': others[1:], 'test': learned}))

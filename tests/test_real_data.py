@@ -86,3 +86,17 @@ def test_bfloat16_compute_keeps_the_reference_dice_and_trains_finitely(tmp_path)
     state, step_metrics, finite = step(state, parallel.to_global(next(batches), mesh),
                                        jax.random.PRNGKey(0))
     assert bool(finite) and np.isfinite(float(step_metrics.compute()['loss']))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REFERENCE, 'best')),
+                    reason='no reference checkpoint in results/reference')
+def test_the_reference_is_refused_on_its_training_patients_wherever_the_split_file_is():
+  from brainseg import checkpointing, evaluate  # pylint: disable=g-import-not-at-top
+  trained_on = checkpointing.load_trained_on(REFERENCE)
+  assert trained_on == sorted(json.load(open(SPLIT_FILE))['train'])
+  # Its saved split path is relative; from another directory it would not resolve.
+  saved = checkpointing.load_saved_config(REFERENCE)
+  saved.data.split_file = '/elsewhere/seed_split.json'
+  with pytest.raises(ValueError, match='was trained on 1 patient'):
+    evaluate.check_not_trained_on([REFERENCE], [saved], sorted(data.scan(conftest.REAL_ROOT)),
+                                  {'test': trained_on[:1]})
