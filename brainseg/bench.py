@@ -49,6 +49,7 @@ class Case:
   dtype: str = 'float32'  # The model's compute dtype (params stay float32).
 
 
+EVAL_BATCH = 32  # The eval forward pass's batch, for every case.
 CASES = {
     'seed256': Case('seed256', 256, 'gray', 16),
     'small128': Case('small128', 128, 'mri', 16),
@@ -176,12 +177,12 @@ def bench_steps(case: Case, steps: int, peak: float):
   model = train.create_model(config)
   shape, rng = train.input_shape(config), np.random.default_rng(1)
   eval_images = parallel.to_global(
-      {'image': rng.normal(size=(32, *shape)).astype(np.float32)}, mesh)['image']
+      {'image': rng.normal(size=(EVAL_BATCH, *shape)).astype(np.float32)}, mesh)['image']
   variables = train.model_variables(holder['state'])
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   eval_flops = _flops(forward.lower(variables, eval_images).compile())
   t = timed(lambda: forward(variables, eval_images).block_until_ready(), steps)
-  records.append(_record(case, 'eval', 'brainseg', 32, t,
+  records.append(_record(case, 'eval', 'brainseg', EVAL_BATCH, t,
                          gflops_per_sec=eval_flops / t['median'] / 1e9,
                          peak_fraction=eval_flops / t['median'] / 1e9 / peak))
   return records, (step, holder)
@@ -216,7 +217,7 @@ def bench_pipeline(case: Case, data_root: str, steps: int, patients: int,
 
 def bench_torch(case: Case, mode: str, steps: int) -> Optional[dict]:
   """The PyTorch peer, same network, batch, size, channels and threads."""
-  batch = case.batch if mode == 'train' else 32
+  batch = case.batch if mode == 'train' else EVAL_BATCH
   command = [sys.executable, TORCH_REFERENCE, '--mode', mode, '--batch', str(batch),
              '--size', str(_input_size(case, mode)),
              '--cin', str(input_pipeline.CHANNELS[case.channels]),
@@ -286,7 +287,12 @@ def main(argv=None):
   unknown = sorted(set(args.cases.split(',')) - set(CASES))
   if unknown:
     parser.error(f'unknown case(s) {unknown}; the cases are {list(CASES)}')
-  cli.set_default_xla_flags()
+  train_batches = [args.batch or CASES[name].batch for name in args.cases.split(',')]
+  cli.set_default_xla_flags(train_batches + [EVAL_BATCH])
+  uneven = [b for b in train_batches + [EVAL_BATCH] if b % jax.device_count()]
+  if uneven:
+    parser.error(f'batch {uneven[0]} does not split over the {jax.device_count()} devices: '
+                 'choose --batch (and JAX_NUM_CPU_DEVICES on a CPU) so it divides evenly')
   result = run(args.cases.split(','), args.steps, args.compare_torch, args.data_root,
                args.patients, args.dtype, args.batch)
   print(f'{result["device_count"]} x {result["device"]} ({result["backend"]}), {args.dtype} '

@@ -2,6 +2,7 @@
 and joining the other processes of a multi-process run."""
 import logging as std_logging
 import os
+from typing import Sequence
 
 from absl import logging
 
@@ -19,24 +20,41 @@ CPU_DEVICES_FLAG = '--xla_force_host_platform_device_count'
 MAX_DEFAULT_CPU_DEVICES = 8
 
 
-def default_cpu_devices() -> int:
-  """How many devices XLA's CPU backend should expose: one per usable core,
-  rounded down to a power of two (so power-of-two batches split evenly).
+def _usable_cores() -> int:
+  """Cores this process may use: its CPU affinity, less any cgroup (v2) CPU quota."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  try:
+    with open('/sys/fs/cgroup/cpu.max') as f:
+      quota, period = f.read().split()[:2]
+    if quota != 'max':
+      cores = min(cores, max(int(quota) // int(period), 1))
+  except (OSError, ValueError):
+    pass  # No cgroup v2 quota to honour.
+  return max(cores or 1, 1)
+
+
+def default_cpu_devices(batch_sizes: Sequence[int] = ()) -> int:
+  """How many devices XLA's CPU backend should expose: one per usable core, rounded
+  down to a power of two, at most 8, and halved until it divides every batch size.
 
   XLA's CPU backend keeps only ~1.6 of 2 cores busy inside one device's step;
   with one device per core the mesh splits each batch across the cores (data
   parallel), which on the project's 2-core machine trained the seed's 256x256
-  step 1.39x and the 128x128x3 step 1.12x faster (results/PERFORMANCE.md, fifth
+  step 1.39x and the 128x128x3 step 1.12x faster (results/PERFORMANCE.md, sixth
   session). GPU and TPU runs are unaffected: this only sizes the CPU backend.
   """
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  cores = min(max(cores or 1, 1), MAX_DEFAULT_CPU_DEVICES)
-  return 1 << (cores.bit_length() - 1)
+  cores = min(_usable_cores(), MAX_DEFAULT_CPU_DEVICES)
+  devices = 1 << (cores.bit_length() - 1)
+  while devices > 1 and any(b % devices for b in batch_sizes if b > 0):
+    devices //= 2
+  return devices
 
 
-def set_default_xla_flags() -> None:
+def set_default_xla_flags(batch_sizes: Sequence[int] = ()) -> None:
   """Adds brainseg's default XLA flags unless XLA_FLAGS already sets them, and
-  one CPU device per core unless XLA_FLAGS or JAX_NUM_CPU_DEVICES says how many.
+  `default_cpu_devices(batch_sizes)` CPU devices unless XLA_FLAGS or
+  JAX_NUM_CPU_DEVICES says how many, or the run has several processes (each keeps
+  one CPU device, so their meshes agree whatever cores each host has).
 
   Must run before JAX starts its backend (the first computation).
   """
@@ -44,8 +62,9 @@ def set_default_xla_flags() -> None:
   for flag in DEFAULT_XLA_FLAGS:
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
-  if CPU_DEVICES_FLAG not in flags and 'JAX_NUM_CPU_DEVICES' not in os.environ:
-    flags = f'{flags} {CPU_DEVICES_FLAG}={default_cpu_devices()}'.strip()
+  if (CPU_DEVICES_FLAG not in flags and 'JAX_NUM_CPU_DEVICES' not in os.environ
+      and not distributed.is_multi_process()):
+    flags = f'{flags} {CPU_DEVICES_FLAG}={default_cpu_devices(batch_sizes)}'.strip()
   os.environ['XLA_FLAGS'] = flags
 
 
@@ -66,8 +85,8 @@ def run_main(main_fn, argv) -> None:
     raise SystemExit(f'error: {e}') from None
 
 
-def setup() -> None:
-  """Call first thing in a command's main()."""
-  set_default_xla_flags()
+def setup(batch_sizes: Sequence[int] = ()) -> None:
+  """Call first thing in a command's main(), with the batch sizes it will shard."""
+  set_default_xla_flags(batch_sizes)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize_if_needed()

@@ -219,7 +219,7 @@ def write_summary_files(json_path: str, summary: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.setup()
+  cli.setup(train.sharded_batch_sizes(FLAGS.config))
   only = None if FLAGS.only is None else [int(k) for k in FLAGS.only]
   summary = run_cv(FLAGS.config, FLAGS.workdir, FLAGS.folds, FLAGS.fold_seed, FLAGS.val_every,
                    only)

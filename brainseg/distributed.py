@@ -11,6 +11,17 @@ from absl import logging
 import jax
 
 
+def _auto_detected() -> bool:
+  """SLURM with several tasks, or a multi-host Cloud TPU slice."""
+  env = os.environ
+  return int(env.get('SLURM_NTASKS', '1')) > 1 or bool(env.get('TPU_WORKER_HOSTNAMES', '').count(','))
+
+
+def is_multi_process() -> bool:
+  """Whether this run will join other processes (readable before JAX starts)."""
+  return 'BRAINSEG_COORDINATOR' in os.environ or _auto_detected()
+
+
 def initialize_if_needed() -> None:
   """Joins the job's processes together, if there is more than one."""
   env = os.environ
@@ -18,7 +29,7 @@ def initialize_if_needed() -> None:
     jax.distributed.initialize(coordinator_address=env['BRAINSEG_COORDINATOR'],
                                num_processes=int(env['BRAINSEG_NUM_PROCESSES']),
                                process_id=int(env['BRAINSEG_PROCESS_ID']))
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or env.get('TPU_WORKER_HOSTNAMES', '').count(','):
+  elif _auto_detected():
     jax.distributed.initialize()  # SLURM and Cloud TPU are detected automatically.
   else:
     return

@@ -24,7 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.setup()
+  cli.setup(train.sharded_batch_sizes(FLAGS.config))
   logging.info('JAX %s on %s; %d process(es), %d local device(s)', jax.__version__,
                jax.default_backend(), jax.process_count(), jax.local_device_count())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -77,15 +77,16 @@ def main(argv=None):
   parser.add_argument('--top', type=int, default=30, help='rows to print')
   parser.add_argument('--trace_dir', default='', help='keep the trace here (default: a temp dir)')
   args = parser.parse_args(argv)
-  cli.set_default_xla_flags()
   case = dataclasses.replace(bench.CASES[args.case], dtype=args.dtype)
+  cli.set_default_xla_flags((case.batch,))
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='brainseg-profile-')
   rows = profile(case, args.steps, trace_dir)
   kinds = collections.Counter()
   for row in rows:
     kinds[re.sub(r'\.\d+$', '', row['op'])] += row['ms']
   total = sum(kinds.values())
-  print(f'{case.name} {case.dtype}: {total:.1f} ms of XLA ops per step; trace in {trace_dir}')
+  print(f'{case.name} {case.dtype}: {total:.1f} ms of XLA ops per step, summed over '
+        f'{jax.device_count()} device(s); trace in {trace_dir}')
   print('by kind: ' + ', '.join(f'{k} {100 * ms / total:.0f}%' for k, ms in kinds.most_common(6)))
   for row in rows[:args.top]:
     print(f'{row["ms"]:8.2f} ms {100 * row["share"]:5.1f}%  {row["shape"]:<24} {row["source"]}')

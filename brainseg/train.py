@@ -313,6 +313,14 @@ def split_probs(model: models.AttentionUNet, variables, arrays: input_pipeline.S
 # ---------------------------------------------------------------------------
 
 
+def sharded_batch_sizes(config: ml_collections.ConfigDict) -> Tuple[int, ...]:
+  """The batch sizes the device count must divide (see `cli.default_cpu_devices`):
+  a per-device batch grows with the count, so only the eval batch is fixed."""
+  if config.per_device_batch_size > 0:
+    return (config.eval_batch_size,)
+  return (config.batch_size, config.eval_batch_size)
+
+
 def resolve_batch_size(config: ml_collections.ConfigDict) -> None:
   """Sets the global batch_size from per_device_batch_size when that is given (> 0)."""
   if config.per_device_batch_size > 0:
@@ -323,12 +331,13 @@ def resolve_batch_size(config: ml_collections.ConfigDict) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects a bad setting by name before any data is read."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
+  hint = '; on a CPU, JAX_NUM_CPU_DEVICES=N sets it' if jax.default_backend() == 'cpu' else ''
   if config.batch_size <= 0 or config.batch_size % n_dev:
     raise ValueError(f'config batch_size={config.batch_size} must be a positive multiple '
-                     f'of the device count ({n_dev})')
+                     f'of the device count ({n_dev}{hint})')
   if config.eval_batch_size <= 0 or config.eval_batch_size % n_dev:
     raise ValueError(f'config eval_batch_size={config.eval_batch_size} must be a positive '
-                     f'multiple of the device count ({n_dev})')
+                     f'multiple of the device count ({n_dev}{hint})')
   depth = max(len(config.model.features), 1)
   for name in ('image_size', 'crop_size'):
     if config.data[name] % (2 ** (depth - 1)):

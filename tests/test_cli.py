@@ -11,12 +11,29 @@ from tests import conftest
 
 @pytest.mark.parametrize('cores, devices', [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (64, 8)])
 def test_one_cpu_device_per_core_in_powers_of_two(monkeypatch, cores, devices):
-  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+  monkeypatch.setattr(cli, '_usable_cores', lambda: cores)
   assert cli.default_cpu_devices() == devices
 
 
+def test_the_default_device_count_divides_every_batch(monkeypatch):
+  monkeypatch.setattr(cli, '_usable_cores', lambda: 16)
+  assert cli.default_cpu_devices((16, 32)) == 8
+  assert cli.default_cpu_devices((4, 4)) == 4  # configs/tiny.py
+  assert cli.default_cpu_devices((6, 32)) == 2
+  assert cli.default_cpu_devices((3,)) == 1
+
+
+def test_each_process_of_a_multi_process_run_keeps_one_cpu_device(monkeypatch):
+  monkeypatch.setattr(cli, '_usable_cores', lambda: 4)
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('BRAINSEG_COORDINATOR', 'localhost:1234')
+  cli.set_default_xla_flags((16,))
+  assert 'device_count' not in os.environ['XLA_FLAGS']
+
+
 def test_default_flags_add_the_device_count_and_keep_the_users(monkeypatch):
-  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
+  monkeypatch.setattr(cli, '_usable_cores', lambda: 4)
   monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_use_xnnpack=false')
   cli.set_default_xla_flags()
