@@ -254,6 +254,8 @@ def run(cases: List[str], steps: int, compare_torch: bool, data_root: Optional[s
         patients: int, dtype: str = 'float32', batch: int = 0) -> Dict:
   peak = matmul_peak_gflops(dtype=dtype) * _peak_chips()
   records = []
+  if data_root and not os.path.isdir(data_root):
+    print(f'No data at --data-root {data_root}: the loader and end-to-end cases are skipped.')
   for name in cases:
     case = dataclasses.replace(CASES[name], dtype=dtype, batch=batch or CASES[name].batch)
     step_records, (step, holder) = bench_steps(case, steps, peak)

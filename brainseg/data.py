@@ -280,7 +280,9 @@ def load_split_file(path: str, patients: Sequence[str]) -> Dict[str, List[str]]:
     with open(path) as f:
       raw = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise DataError(f'split file {path}: cannot read it ({e})') from e
+    raise DataError(f'split file {path}: cannot read it ({e}); name another with '
+                    'data.split_file (--split_file for check_data and evaluate), or '
+                    '"" for a seeded random split') from e
   if not isinstance(raw, dict):
     raise DataError(f'split file {path}: must hold a JSON object with "train", "val" and '
                     '"test" lists')

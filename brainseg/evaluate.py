@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -146,6 +147,10 @@ def evaluate(workdirs, split: str, output: str, step: Optional[int] = None,
 
   table: List[dict] = []
   if postprocess == 'val':
+    if split == 'val':
+      logging.warning('Post-processing is chosen on val and val is the split scored, so '
+                      'the score is optimistic; pass --postprocess none (or a fixed choice) '
+                      'to score val honestly.')
     val = arrays['val']
     choice, table = postprocess_lib.choose_on_val(
         lambda tta: probs('val', tta), val.native_masks, val.patient_ids, val.slice_numbers)
