@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from brainseg import writers
 
 CONFIG_FILE = 'config.json'
+# Every patient a run's model has learned from, over all its starts and resumes.
+TRAINED_ON_FILE = 'trained_on.json'
 # Settings that may change between a run and its resumption without changing
 # what is trained: where the data lives, how fast it is read, how often to log.
 RESUME_SAFE_FIELDS = ('allow_config_change', 'data.root', 'data.num_threads',
@@ -211,12 +213,32 @@ def load_saved_config(path: str) -> ml_collections.ConfigDict:
   return with_current_defaults(meta['config'])
 
 
+def record_trained_on(workdir: str, patients: Sequence[str]) -> List[str]:
+  """Adds `patients` to the workdir's record of training patients and returns it
+  all: a run resumed on another split (allow_config_change) keeps the first
+  split's patients, and a fine-tune keeps its start model's once that is gone."""
+  recorded = set(_read_trained_on_file(workdir) or ()) | set(patients)
+  if jax.process_index() == 0:
+    writers.write_json_atomically(os.path.join(workdir, TRAINED_ON_FILE), sorted(recorded))
+  return sorted(recorded)
+
+
+def _read_trained_on_file(workdir: str) -> Optional[List[str]]:
+  path = os.path.join(workdir, TRAINED_ON_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_trained_on(path: str) -> Optional[List[str]]:
-  """The patients the best-on-val model under `path` learned from, as recorded
-  when it was saved; None if there is no such model or it records none (runs
-  saved before brainseg recorded them)."""
+  """The patients the model under `path` (a workdir or `best/` folder) learned
+  from, as its run recorded them (the best model's meta and the workdir's record);
+  None if neither exists (runs from before brainseg recorded them)."""
   meta = _best_meta(path)
-  return None if meta is None else meta.get('trained_on')
+  lists = [(meta or {}).get('trained_on'), _read_trained_on_file(path)]
+  lists = [set(x) for x in lists if x is not None]
+  return sorted(set().union(*lists)) if lists else None
 
 
 def load_model(path: str, step: Optional[int] = None):

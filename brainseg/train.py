@@ -127,7 +127,8 @@ def load_init_variables(config: ml_collections.ConfigDict) -> Optional[Dict[str,
   return variables
 
 
-def training_patients(path: str, patients: Sequence[str], saved_config=None) -> Set[str]:
+def training_patients(path: str, patients: Sequence[str], saved_config=None,
+                      _seen: Sequence[str] = ()) -> Set[str]:
   """Every patient the model saved under `path` (a workdir or `best/` folder) learned from.
 
   Runs record the list with their best-on-val model. For runs saved before that
@@ -142,19 +143,24 @@ def training_patients(path: str, patients: Sequence[str], saved_config=None) -> 
   recorded = checkpointing.load_trained_on(path)
   if recorded is not None:
     return set(recorded)
-  config = saved_config if saved_config is not None else checkpointing.load_saved_config(path)
+  unknown = (f'cannot tell which patients {path} trained on (to refuse scoring it on '
+             'them): it records no list, being saved before brainseg recorded one, and ')
+  try:
+    config = (saved_config if saved_config is not None
+              else checkpointing.load_saved_config(path))
+  except FileNotFoundError:
+    raise ValueError(unknown + 'it holds no best-on-val checkpoint with its config') from None
   d = config['data']
   try:
     learned = set(data_lib.make_split(list(patients), d['split_file'],
                                       tuple(d['split_fractions']), d['split_seed'])['train'])
-  except (data_lib.DataError, OSError) as e:
-    raise ValueError(
-        f'cannot tell which patients {path} trained on: it records no list (saved before '
-        f'brainseg recorded one) and its split cannot be read from here ({e}); run from '
-        'the directory it was trained in, so its relative split_file resolves') from None
+  except (data_lib.DataError, OSError):
+    raise ValueError(unknown + f'its saved split file {d["split_file"]!r} cannot be read from '
+                     'here; run from the directory it was trained in') from None
   source = config.get('init_from')
-  if source and os.path.abspath(source) != os.path.abspath(path):
-    learned |= training_patients(source, patients)
+  seen = {os.path.abspath(p) for p in (*_seen, path)}
+  if source and os.path.abspath(source) not in seen:
+    learned |= training_patients(source, patients, _seen=tuple(seen))
   return learned
 
 
@@ -494,13 +500,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.device_put(state, parallel.replicated(mesh))
   manager = checkpointing.train_manager(workdir, config)
   best = checkpointing.BestCheckpoint(workdir)
-  # Saved with every best model, for evaluate's leakage check. A resumed
-  # fine-tune keeps its first list (its start model may be gone by now).
-  if resuming and best.trained_on is not None:
-    inherited = set(best.trained_on)
-  elif resuming and config.init_from and os.path.isdir(config.init_from):
+  # Recorded in the workdir at every start and with every best model, for
+  # evaluate's leakage check. A resume adds to the first start's record, which
+  # holds a fine-tune's start-model patients even once that model is gone.
+  if resuming and config.init_from and os.path.isdir(config.init_from):
     inherited = training_patients(config.init_from, sorted(patients))
-  trained_on = sorted(set(split['train']) | inherited)
+  elif resuming and config.init_from and checkpointing.load_trained_on(workdir) is None:
+    logging.warning('init_from=%s is gone and this run (started before brainseg recorded '
+                    'training patients) has no record of them: its leakage check will know '
+                    'only its own train split.', config.init_from)
+  trained_on = checkpointing.record_trained_on(
+      workdir, set(split['train']) | inherited | set(best.trained_on or ()))
   state = checkpointing.restore_latest(manager, state, train_iter)
   start_step = int(state.step)
   if start_step:

@@ -422,3 +422,19 @@ def test_a_split_file_override_does_not_hide_what_the_model_trained_on(trained, 
   with pytest.raises(ValueError, match='was trained on .* of the test split'):
     evaluate.evaluate(str(workdir), 'test', str(tmp_path / 'eval'), split_file=str(split_file),
                       postprocess='none')
+
+
+def test_a_fine_tune_stopped_before_its_first_best_keeps_its_start_models_patients(
+    trained, tmp_path):
+  import shutil
+  root, workdir = trained
+  source = tmp_path / 'source'
+  shutil.copytree(workdir, source)
+  learned = set(checkpointing.load_trained_on(str(source)))
+  tuned = tmp_path / 'tuned'
+  _run(_train_command(root, tuned, f'--config.init_from={source}',
+                      '--config.num_train_steps=1'))
+  shutil.rmtree(tuned / 'best')  # As if stopped before its first evaluation.
+  shutil.rmtree(source)
+  # Its record already holds the start model's patients, and it outlives the start model.
+  assert learned <= set(checkpointing.load_trained_on(str(tuned)))
