@@ -289,9 +289,9 @@ def main(argv=None):
   unknown = sorted(set(args.cases.split(',')) - set(CASES))
   if unknown:
     parser.error(f'unknown case(s) {unknown}; the cases are {list(CASES)}')
-  train_batches = [args.batch or CASES[name].batch for name in args.cases.split(',')]
-  cli.set_default_xla_flags(train_batches + [EVAL_BATCH])
-  uneven = [b for b in train_batches + [EVAL_BATCH] if b % jax.device_count()]
+  batches = [args.batch or CASES[name].batch for name in args.cases.split(',')] + [EVAL_BATCH]
+  cli.set_default_xla_flags(batches)
+  uneven = [b for b in batches if b % jax.device_count()]
   if uneven:
     parser.error(f'batch {uneven[0]} does not split over the {jax.device_count()} devices: '
                  'choose --batch (and JAX_NUM_CPU_DEVICES on a CPU) so it divides evenly')

@@ -112,13 +112,11 @@ class BestCheckpoint:
   def __init__(self, workdir: str):
     self._manager = _best_manager(best_dir(workdir))
     self.value = -1.0
-    self.trained_on = None  # The saved model's training patients, when recorded.
     step = self._manager.latest_step()
     if step is not None:
       meta = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))['meta']
       self.value = float(meta['val_dice'])
-      self.trained_on = meta.get('trained_on')
 
   def update(self, step: int, model: Any, value: float, config: ml_collections.ConfigDict,
              trained_on: Sequence[str]) -> bool:
@@ -217,7 +215,7 @@ def record_trained_on(workdir: str, patients: Sequence[str]) -> List[str]:
   """Adds `patients` to the workdir's record of training patients and returns it
   all: a run resumed on another split (allow_config_change) keeps the first
   split's patients, and a fine-tune keeps its start model's once that is gone."""
-  recorded = set(_read_trained_on_file(workdir) or ()) | set(patients)
+  recorded = set(load_trained_on(workdir) or ()) | set(patients)
   if jax.process_index() == 0:
     writers.write_json_atomically(os.path.join(workdir, TRAINED_ON_FILE), sorted(recorded))
   return sorted(recorded)

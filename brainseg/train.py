@@ -503,14 +503,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Recorded in the workdir at every start and with every best model, for
   # evaluate's leakage check. A resume adds to the first start's record, which
   # holds a fine-tune's start-model patients even once that model is gone.
-  if resuming and config.init_from and os.path.isdir(config.init_from):
-    inherited = training_patients(config.init_from, sorted(patients))
-  elif resuming and config.init_from and checkpointing.load_trained_on(workdir) is None:
-    logging.warning('init_from=%s is gone and this run (started before brainseg recorded '
-                    'training patients) has no record of them: its leakage check will know '
-                    'only its own train split.', config.init_from)
-  trained_on = checkpointing.record_trained_on(
-      workdir, set(split['train']) | inherited | set(best.trained_on or ()))
+  if resuming and config.init_from:
+    if os.path.isdir(config.init_from):
+      inherited = training_patients(config.init_from, sorted(patients))
+    elif checkpointing.load_trained_on(workdir) is None:
+      logging.warning('init_from=%s is gone and this run (started before brainseg recorded '
+                      'training patients) has no record of them: its leakage check will know '
+                      'only its own train split.', config.init_from)
+  trained_on = checkpointing.record_trained_on(workdir, set(split['train']) | inherited)
   state = checkpointing.restore_latest(manager, state, train_iter)
   start_step = int(state.step)
   if start_step:

@@ -50,6 +50,7 @@ def test_default_flags_add_the_device_count_and_keep_the_users(monkeypatch):
   cli.set_default_xla_flags()
   assert 'device_count' not in os.environ['XLA_FLAGS']
 
+
 def _device_count_in_a_fresh_process(**env_overrides) -> int:
   env = conftest.subprocess_env()
   env.pop('XLA_FLAGS', None)
